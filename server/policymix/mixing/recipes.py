@@ -1,0 +1,203 @@
+"""Compile a mixing recipe into a weight vector over registered policies.
+
+Every recipe is a log-linear mixture: the next-token score is ``s = sum_k w_k * log pi_k``.
+
+| recipe                | weights                                                         |
+|-----------------------|-----------------------------------------------------------------|
+| weights               | as given                                                        |
+| MOD                   | P_i: w_i, R: 1 - sum w_i                                        |
+| DeRa                  | P: b/b2, R: 1 - b/b2          (pi ∝ pi_ref · exp(r / b2))       |
+| MOD + beta'           | P_i: w_i·b/b2, R: 1 - sum w_i·b/b2                              |
+| proxy tuning          | L: 1, S+: a, S-: -a                                             |
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+from pydantic import ValidationError
+
+from ..config import Recipe
+from ..errors import ModelNotFound, RecipeError
+
+
+@dataclass(frozen=True)
+class PolicyInfo:
+    """What recipe compilation needs to know of a registered policy."""
+
+    name: str
+    kind: str  # "causal" | "reward"
+    family: int  # tokenizer family id: policies mix only within one
+    reference: str | None = None
+    beta: float | None = None
+    protected: bool = False
+    floor: float = 0.0
+
+
+@dataclass(frozen=True)
+class CompiledRecipe:
+    weights: dict[str, float]  # every policy the recipe names, zeros included (echoed to clients)
+    family: int
+    form: str  # "single" | "weights" | "mod" | "dera" | "proxy"
+    mixture_name: str | None = None
+
+    @property
+    def active(self) -> dict[str, float]:
+        """Policies that contribute to the score (weight != 0)."""
+        return {k: w for k, w in self.weights.items() if w != 0.0}
+
+
+def _finite(value: float, field: str) -> float:
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RecipeError(f"{field} must be a number", param=field)
+    if not math.isfinite(value):
+        raise RecipeError(f"{field} must be finite, got {value}", param=field)
+    return float(value)
+
+
+def _positive(value: float | None, field: str) -> float:
+    if value is None:
+        raise RecipeError(f"{field} is required for this recipe", param=field)
+    value = _finite(value, field)
+    if value <= 0:
+        raise RecipeError(f"{field} must be > 0, got {value}", param=field)
+    return value
+
+
+def _form_of(r: Recipe) -> str:
+    forms = []
+    if r.weights is not None:
+        forms.append("weights")
+    if r.proxy is not None:
+        forms.append("proxy")
+    if r.objectives is not None:
+        forms.append("mod")
+    elif r.policy is not None:
+        forms.append("dera")
+    if len(forms) != 1:
+        raise RecipeError(
+            "a mixture needs exactly one of: weights, objectives (+ reference), "
+            "policy + beta_prime (+ reference), proxy",
+            param="mixture",
+        )
+    form = forms[0]
+    stray = {
+        "weights": ("reference", "policy", "objectives", "beta", "beta_prime"),
+        "proxy": ("reference", "policy", "objectives", "beta", "beta_prime"),
+        "mod": ("policy",),
+        "dera": (),
+    }[form]
+    for field in stray:
+        if getattr(r, field) is not None:
+            raise RecipeError(f"mixture.{field} does not belong to a {form} recipe", param=f"mixture.{field}")
+    return form
+
+
+def _compile_form(r: Recipe, form: str, policies: Mapping[str, PolicyInfo]) -> dict[str, float]:
+    w: dict[str, float] = {}
+
+    def add(name: str, value: float) -> None:
+        w[name] = w.get(name, 0.0) + value
+
+    if form == "weights":
+        if not r.weights:
+            raise RecipeError("mixture.weights must name at least one policy", param="mixture.weights")
+        for name, value in r.weights.items():
+            add(name, _finite(value, f"mixture.weights.{name}"))
+    elif form == "proxy":
+        p = r.proxy
+        alpha = _finite(p.alpha, "mixture.proxy.alpha")
+        add(p.base, 1.0)
+        add(p.tuned, alpha)
+        add(p.untuned, -alpha)
+    elif form == "mod":
+        ref = _reference(r, policies)
+        if not r.objectives:
+            raise RecipeError("mixture.objectives must name at least one policy", param="mixture.objectives")
+        scale = 1.0
+        if r.beta is not None or r.beta_prime is not None:
+            scale = _positive(r.beta, "mixture.beta") / _positive(r.beta_prime, "mixture.beta_prime")
+        total = 0.0
+        for name, value in r.objectives.items():
+            wi = _finite(value, f"mixture.objectives.{name}") * scale
+            add(name, wi)
+            total += wi
+        add(ref, 1.0 - total)
+    else:  # dera
+        ref = _reference(r, policies)
+        beta = r.beta
+        if beta is None and r.policy in policies:
+            beta = policies[r.policy].beta  # the beta recorded with the trained policy
+        scale = _positive(beta, "mixture.beta") / _positive(r.beta_prime, "mixture.beta_prime")
+        add(r.policy, scale)
+        add(ref, 1.0 - scale)
+    return w
+
+
+def _reference(r: Recipe, policies: Mapping[str, PolicyInfo]) -> str:
+    if r.reference is not None:
+        return r.reference
+    # Default to the reference that the (first) tuned policy was registered with.
+    first = r.policy if r.policy is not None else next(iter(r.objectives or {}), None)
+    if first in policies and policies[first].reference is not None:
+        return policies[first].reference
+    raise RecipeError("mixture.reference is required (the policy has no registered reference)",
+                      param="mixture.reference")
+
+
+def compile_recipe(
+    recipe: Recipe | Mapping | str | None,
+    model: str,
+    policies: Mapping[str, PolicyInfo],
+    mixtures: Mapping[str, Recipe],
+) -> CompiledRecipe:
+    """Turn a request's ``model`` and optional ``mixture`` into weights.
+
+    ``recipe`` is None (``model`` decides), the name of a configured mixture, or an inline recipe.
+    Raises ModelNotFound for an unknown ``model`` and RecipeError (400) for a bad recipe.
+    """
+    if model not in policies and model not in mixtures:
+        raise ModelNotFound(f"The model `{model}` does not exist.", param="model")
+    mixture_name = None
+    if recipe is None:
+        if model in mixtures:
+            mixture_name, recipe = model, mixtures[model]
+        else:
+            info = policies[model]
+            if info.kind != "causal":
+                raise RecipeError(f"`{model}` is a reward model, not a policy to generate with", param="model")
+            return CompiledRecipe({model: 1.0}, info.family, "single")
+    if isinstance(recipe, str):
+        if recipe not in mixtures:
+            raise RecipeError(f"unknown named mixture {recipe!r}", param="mixture")
+        mixture_name, recipe = recipe, mixtures[recipe]
+    if not isinstance(recipe, Recipe):
+        if not isinstance(recipe, Mapping):
+            raise RecipeError("mixture must be a mixture name or an object", param="mixture")
+        try:
+            recipe = Recipe.model_validate(recipe)
+        except ValidationError as err:
+            first = err.errors()[0]
+            field = ".".join(["mixture", *(str(p) for p in first["loc"])])
+            raise RecipeError(f"{field}: {first['msg']}", param=field) from None
+
+    form = _form_of(recipe)
+    weights = _compile_form(recipe, form, policies)
+    families = set()
+    for name in weights:
+        if name not in policies:
+            raise RecipeError(f"mixture names unknown policy {name!r}", param="mixture")
+        info = policies[name]
+        if info.kind != "causal":
+            raise RecipeError(f"{name!r} is a reward model and cannot be mixed as a policy", param="mixture")
+        families.add(info.family)
+    if len(families) > 1:
+        raise RecipeError(
+            f"policies {sorted(weights)} belong to different tokenizer families and cannot be mixed",
+            param="mixture",
+        )
+    if all(v == 0.0 for v in weights.values()):
+        raise RecipeError("all mixture weights are zero", param="mixture")
+    return CompiledRecipe(weights, families.pop(), form, mixture_name)
