@@ -42,6 +42,8 @@ class CompiledRecipe:
     family: int
     form: str  # "single" | "weights" | "mod" | "dera" | "proxy"
     mixture_name: str | None = None
+    reference: str | None = None  # MOD / DeRa: the reference the recipe is relative to
+    tuned: str | None = None  # DeRa: the tuned policy; MOD: the first objective
 
     @property
     def active(self) -> dict[str, float]:
@@ -185,6 +187,10 @@ def compile_recipe(
 
     form = _form_of(recipe)
     weights = _compile_form(recipe, form, policies)
+    reference = tuned = None
+    if form in ("mod", "dera"):
+        reference = _reference(recipe, policies)
+        tuned = recipe.policy if form == "dera" else next(iter(recipe.objectives))
     families = set()
     for name in weights:
         if name not in policies:
@@ -200,4 +206,4 @@ def compile_recipe(
         )
     if all(v == 0.0 for v in weights.values()):
         raise RecipeError("all mixture weights are zero", param="mixture")
-    return CompiledRecipe(weights, families.pop(), form, mixture_name)
+    return CompiledRecipe(weights, families.pop(), form, mixture_name, reference, tuned)

@@ -1,0 +1,101 @@
+"""The OpenAI error envelope and the exception handlers that produce it.
+
+Every error leaves the server as ``{"error": {"message", "type", "param", "code"}}`` with the status
+its :class:`~policymix.errors.PolicymixError` carries. FastAPI's 422 for a malformed body becomes a
+400 (OpenAI's status for bad input) with the offending field in ``param``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import Overloaded, PolicymixError
+
+log = logging.getLogger("policymix.api")
+
+# OpenAI's error types by status, for errors that are not PolicymixErrors.
+_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "permission_error",
+          404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
+          429: "rate_limit_exceeded", 503: "server_overloaded"}
+
+
+class ApiError(PolicymixError):
+    """An HTTP-level error raised by the API layer itself (auth, key limits, unknown route)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str | None = None):
+        super().__init__(message, param=param, code=code)
+        self.status = status
+        self.type = type or _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_payload(exc: BaseException) -> tuple[int, dict, dict[str, str]]:
+    """(status, envelope, headers) for any exception; unknown exceptions are a 500 that hides internals."""
+    if isinstance(exc, PolicymixError):
+        headers = {}
+        if isinstance(exc, Overloaded):
+            headers["retry-after"] = str(max(1, math.ceil(exc.retry_after)))
+        return exc.status, error_body(exc.message, exc.type, exc.param, exc.code), headers
+    return 500, error_body("internal server error", "server_error", None, "internal_error"), {}
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    status, body, headers = error_payload(exc)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+# Pydantic adds union-member tags ("str", "list[int]", "function-after[...]") to error locations.
+_TAG = re.compile(r"^(str|int|float|bool|list|dict|none|null)$|[\[\]\-]")
+
+
+def _validation_error(errors: list[dict]) -> ApiError:
+    first = errors[0]
+    loc = [p for p in first.get("loc", ()) if not (isinstance(p, str) and _TAG.search(p))]
+    if loc and loc[0] == "body":
+        loc = loc[1:]
+    if first.get("type") == "json_invalid":
+        return ApiError(400, f"the request body is not valid JSON: {first.get('msg', '')}")
+    param = ".".join(str(p) for p in loc) or None
+    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if first.get("type") == "missing":
+        msg = "a required field is missing"
+    return ApiError(400, f"{param}: {msg}" if param else msg, param=param)
+
+
+def install_handlers(app: FastAPI) -> None:
+    """Map every error to the OpenAI envelope: typed errors, validation (422 -> 400), routing, crashes."""
+
+    @app.exception_handler(PolicymixError)
+    async def _policymix(request: Request, exc: PolicymixError) -> JSONResponse:
+        if exc.status >= 500:
+            log.warning("%s %s: %s", request.method, request.url.path, exc.message)
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(_validation_error(list(exc.errors())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = "not_found" if exc.status_code == 404 else None
+        err = ApiError(exc.status_code, str(exc.detail), code=code)
+        resp = error_response(err)
+        for k, v in (exc.headers or {}).items():
+            resp.headers[k] = v
+        return resp
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(exc)

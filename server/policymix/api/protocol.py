@@ -1,0 +1,355 @@
+"""Request and response bodies of the OpenAI-compatible API (pydantic v2).
+
+Requests accept and ignore unknown fields (the OpenAI SDK's ``extra_body`` may carry anything);
+limits live in ``Field`` constraints so that a bad value is a 400 naming the field. Responses follow
+OpenAI's shapes plus one ``policymix`` extension object (docs/api.md).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_LOGPROBS = 20
+MAX_N = 128
+_INT64 = 2**63
+
+# ----------------------------------------------------------------------------------------- requests
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Part):
+    include_usage: bool | None = False
+
+
+class ImplicitRerank(_Part):
+    policy: str
+    reference: str
+    beta: float = Field(gt=0, allow_inf_nan=False)
+
+
+class RewardModelRerank(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reward_model: str
+
+
+class ImplicitRerankSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    implicit: ImplicitRerank
+
+
+Rerank = Union[Literal["logprob"], RewardModelRerank, ImplicitRerankSpec]
+
+
+class _Common(_Request):
+    """Fields shared by /v1/completions and /v1/chat/completions (OpenAI + vLLM names + mixing)."""
+
+    model: str
+    temperature: float | None = Field(default=None, ge=0, le=100)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    n: int | None = Field(default=None, ge=1, le=MAX_N)
+    best_of: int | None = Field(default=None, ge=1, le=MAX_N)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=-_INT64, lt=2 * _INT64)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    user: str | None = None
+    # vLLM extras
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=10)
+    min_tokens: int | None = Field(default=None, ge=0)
+    ignore_eos: bool | None = False
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    include_stop_str_in_output: bool | None = False
+    skip_special_tokens: bool | None = True
+    # mixing extension
+    mixture: str | dict[str, Any] | None = None  # a named mixture or an inline recipe (compiled by the engine)
+    rerank: Rerank | None = None
+    return_token_signals: bool | None = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> list[str]:
+        # An empty stop string would end every completion before its first token; drop it.
+        stops = [v] if isinstance(v, str) else list(v or [])
+        return [s for s in stops if s]
+
+
+def _check_prompt(v: Any) -> Any:
+    """str | list[str] | list[int] | list[list[int]], non-empty, ids >= 0 (one clear message)."""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, list) and v:
+        if all(isinstance(p, str) for p in v):
+            return v
+        if all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in v):
+            return v
+        if all(isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                 for t in p) for p in v):
+            return v
+    raise ValueError("prompt must be a string, a list of strings, a non-empty list of token ids (>= 0) "
+                     "or a list of such lists")
+
+
+class CompletionRequest(_Common):
+    prompt: Any
+    max_tokens: int | None = Field(default=16, ge=1)
+    echo: bool | None = False
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: Any) -> Any:
+        return _check_prompt(v)
+
+    def prompts(self) -> list[str | list[int]]:
+        """One engine prompt per element: text or token ids."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)
+
+
+class TextPart(_Part):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Part):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    add_generation_prompt: bool | None = True
+
+
+class TokenizeRequest(_Request):
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = True
+    add_generation_prompt: bool | None = True
+
+
+class DetokenizeRequest(_Request):
+    model: str
+    tokens: list[Annotated[int, Field(ge=0)]]
+
+
+# ---------------------------------------------------------------------------------------- responses
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CandidateOut(BaseModel):
+    text: str
+    token_ids: list[int]
+    score: float
+    finish_reason: str
+    prompt_index: int = 0  # which prompt of a batched /v1/completions request
+
+
+class TokenSignal(BaseModel):
+    token: str
+    token_id: int
+    policy_logprobs: dict[str, float] | None = None
+    implicit_reward: float | None = None
+    kl: float | None = None
+
+
+class ChoiceExtension(BaseModel):
+    """Per-choice signals, present on each choice when a response has more than one."""
+
+    kl_to_reference: float | None = None
+    implicit_reward: float | None = None
+    token_signals: list[TokenSignal] | None = None
+
+
+class PolicymixExtension(ChoiceExtension):
+    """What ran: compiled weights, best-of candidates, and the first choice's signals."""
+
+    weights: dict[str, float]
+    mixture: str | None = None
+    candidates: list[CandidateOut] | None = None
+    kl_bound: float | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    policymix: ChoiceExtension | None = None
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+    policymix: PolicymixExtension | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None = None
+    refusal: list[TokenLogprob] | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+    refusal: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    policymix: ChoiceExtension | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+    policymix: PolicymixExtension | None = None
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatStreamChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    policymix: ChoiceExtension | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One SSE event of a streamed chat completion (serialised with ``exclude_unset``)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: Usage | None = None
+    policymix: PolicymixExtension | None = None
+
+
+class CompletionChunk(BaseModel):
+    """One SSE event of a streamed completion (serialised with ``exclude_unset``)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    policymix: PolicymixExtension | None = None
+
+
+class ModelPolicymix(BaseModel):
+    kind: str  # "policy" | "mixture" | "reward"
+    family: int  # tokenizer family: models mix only within one
+    weights: dict[str, float] | None = None
+
+
+class ModelCardOut(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=_now)
+    owned_by: str = "policymix"
+    max_model_len: int | None = None
+    policymix: ModelPolicymix
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCardOut]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

@@ -1,0 +1,391 @@
+"""The synchronous engine core: ``step()`` = admit, forward every policy, mix, sample, post-process.
+
+It knows nothing of threads or HTTP; :mod:`policymix.engine.native` drives it from one thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict, deque
+from itertools import count
+
+import torch
+
+from ..errors import Overloaded, PolicymixError
+from ..rerank import kl_bound, reward_model_scores
+from ..registry import Registry
+from .detokenizer import IncrementalDetokenizer
+from .protocol import Candidate, GenerationRequest, ImplicitRewardSpec, RequestDone, SequenceResult, TokenEvent
+from .runner import PolicyRunner
+from .sampler import apply_penalties, sample_token
+from .sequence import RequestState, Sequence, Status
+
+log = logging.getLogger("policymix.engine")
+
+
+class EngineCore:
+    def __init__(self, registry: Registry):
+        self.registry = registry
+        srv = registry.config.server
+        self.max_num_seqs = srv.max_num_seqs
+        self.max_queue = srv.max_queue
+        self.runners: dict[str, PolicyRunner] = {}
+        for name, p in registry.policies.items():
+            if p.kind != "causal":
+                continue
+            tok = p.tokenizer
+            pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+            self.runners[name] = PolicyRunner(name, p.model, p.vocab_size, pad, p.device, p.dtype)
+        self.kv_budget = {n: srv.kv_budget_tokens or srv.max_num_seqs * registry.max_model_len(p.family)
+                          for n, p in registry.policies.items()}
+        self.reserved: dict[str, int] = defaultdict(int)
+        self.waiting: deque[RequestState] = deque()
+        self.running: list[RequestState] = []
+        self._seq_ids = count()
+        self._seed_rng = torch.Generator().manual_seed(int(time.time_ns() % (2**31)))
+        self.timers: dict[str, float] = defaultdict(float)  # cumulative seconds per phase
+        self.steps = 0
+
+    # ----- requests in and out -----------------------------------------------------------------
+
+    def render(self, req: GenerationRequest) -> RequestState:
+        """Resolve the policies a request runs and render its prompt for each (raises on bad input)."""
+        reg = self.registry
+        weights = dict(req.recipe.active)
+        pair = req.signals or self._default_pair(req)
+        observers: list[str] = []
+        if req.return_token_signals and pair is not None:
+            observers += [pair.policy, pair.reference]
+        if req.rerank is not None and req.rerank.kind == "implicit":
+            observers += [req.rerank.implicit.policy, req.rerank.implicit.reference]
+        for name in observers:
+            if name not in reg.policies or reg.policies[name].kind != "causal":
+                raise PolicymixError(f"unknown policy {name!r} for signals / rerank", param="rerank")
+            if reg.policies[name].family != req.recipe.family:
+                raise PolicymixError(f"policy {name!r} uses a different tokenizer than the mixture", param="rerank")
+            weights.setdefault(name, 0.0)
+        prompts = {name: reg.policies[name].render(req.prompt) for name in weights}
+        first = reg.policies[next(iter(weights))]
+        eos = set()
+        for p in weights:
+            t = reg.policies[p].tokenizer.eos_token_id
+            if t is not None:
+                eos.add(t)
+            gen_eos = getattr(getattr(reg.policies[p].model, "generation_config", None), "eos_token_id", None)
+            eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+        state = RequestState(req=req, emit=lambda e: None, prompts=prompts, weights=weights,
+                             signal_pair=pair if req.return_token_signals else None, eos_ids=eos)
+        reg.check_length(first.family, state.prompt_len, req.sampling.max_tokens)
+        return state
+
+    def _default_pair(self, req: GenerationRequest) -> ImplicitRewardSpec | None:
+        """The (policy, reference, beta) of token signals: the recipe's own, else a registered pair."""
+        reg = self.registry.policies
+        rec = req.recipe
+        candidates = ([rec.tuned] if rec.tuned else []) + list(rec.active)
+        for name in candidates:
+            p = reg.get(name)
+            ref = rec.reference if name == rec.tuned and rec.reference else (p.spec.reference if p else None)
+            if p is not None and ref is not None:
+                return ImplicitRewardSpec(name, ref, p.beta or 1.0)
+        return None
+
+    def add(self, state: RequestState) -> None:
+        if len(self.waiting) >= self.max_queue:
+            raise Overloaded(f"the server queue is full ({self.max_queue} waiting requests)", status=503)
+        for p in state.prompts:
+            if state.reserved_tokens(p) > self.kv_budget[p]:
+                raise PolicymixError(
+                    f"the request needs {state.reserved_tokens(p)} KV-cache tokens of policy {p}, more than its "
+                    f"budget of {self.kv_budget[p]}", param="max_tokens")
+        self.waiting.append(state)
+
+    def abort(self, request_id: str) -> None:
+        for state in list(self.waiting):
+            if state.req.request_id == request_id:
+                self.waiting.remove(state)
+        for state in list(self.running):
+            if state.req.request_id == request_id:
+                for seq in state.sequences:
+                    if not seq.finished:
+                        seq.finish_reason = "abort"
+                self._release(state)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def fail_all(self, message: str) -> None:
+        for state in list(self.running) + list(self.waiting):
+            self._fail(state, message)
+        self.waiting.clear()
+
+    # ----- scheduling --------------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        now = time.monotonic()
+        running_seqs = sum(s.best_of for s in self.running)
+        while self.waiting:
+            state = self.waiting[0]
+            if state.req.deadline is not None and now > state.req.deadline:
+                self.waiting.popleft()
+                self._fail(state, "the request waited in the queue longer than its deadline", code="queue_timeout")
+                continue
+            fits = all(self.reserved[p] + state.reserved_tokens(p) <= self.kv_budget[p] for p in state.prompts)
+            if running_seqs + state.best_of > self.max_num_seqs or not fits:
+                break
+            self.waiting.popleft()
+            running_seqs += state.best_of
+            for p in state.prompts:
+                self.reserved[p] += state.reserved_tokens(p)
+            state.status = Status.RUNNING
+            leader = self._new_sequence(state, 0)
+            for p in state.prompts:
+                leader.feeds[p] = list(state.prompts[p])
+                self.runners[p].add(leader)
+            self.running.append(state)
+
+    def _new_sequence(self, state: RequestState, index: int) -> Sequence:
+        req = state.req
+        seed = req.sampling.seed
+        gen = torch.Generator()
+        if seed is not None:
+            gen.manual_seed((seed * 1_000_003 + index) % (2**63))  # siblings differ, repeatably
+        else:
+            gen.manual_seed(int(torch.randint(0, 2**62, (), generator=self._seed_rng)))
+        first = next(iter(state.prompts))
+        detok = IncrementalDetokenizer(self.registry.policies[first].tokenizer, state.prompts[first],
+                                       req.sampling.stop, req.sampling.include_stop_str_in_output,
+                                       req.sampling.skip_special_tokens)
+        seq = Sequence(next(self._seq_ids), state, index, gen, detok)
+        state.sequences.append(seq)
+        return seq
+
+    def _release(self, state: RequestState) -> None:
+        """Free every cache slot and reservation of a request at once."""
+        for seq in state.sequences:
+            for p in state.prompts:
+                runner = self.runners[p]
+                if seq in runner.slots:
+                    runner.remove(seq)
+        if state in self.running:
+            self.running.remove(state)
+            for p in state.prompts:
+                self.reserved[p] -= state.reserved_tokens(p)
+        state.status = Status.FINISHED
+
+    def _fail(self, state: RequestState, message: str, code: str = "engine_error") -> None:
+        if state.status == Status.FINISHED:
+            return
+        self._release(state)
+        state.emit(RequestDone(prompt_tokens=state.prompt_len, completion_tokens=0, sequences=[],
+                               weights=dict(state.req.recipe.weights), error=message))
+
+    # ----- one step ----------------------------------------------------------------------------
+
+    def step(self) -> None:
+        t0 = time.perf_counter()
+        self._admit()
+        self.timers["schedule"] += time.perf_counter() - t0
+        if not self.running:
+            return
+        self.steps += 1
+        # forward every policy that has sequences, once, over exactly those sequences
+        logps: dict[str, tuple[torch.Tensor, dict[int, int]]] = {}
+        for name, runner in self.runners.items():
+            if not runner.slots:
+                continue
+            t = time.perf_counter()
+            try:
+                lp = runner.forward()  # [B_p, V]
+            except Exception as err:  # noqa: BLE001 - fail the requests in this batch, keep serving
+                log.exception("forward of policy %s failed", name)
+                for state in {seq.request for seq in runner.slots}:
+                    self._fail(state, f"policy {name} failed: {type(err).__name__}: {err}")
+                continue
+            logps[name] = (lp, {seq.seq_id: i for i, seq in enumerate(runner.slots)})
+            self.timers[f"forward:{name}"] += time.perf_counter() - t
+        for family_states in self._by_family().values():
+            self._mix_and_sample(family_states, logps)
+
+    def _by_family(self) -> dict[int, list[RequestState]]:
+        groups: dict[int, list[RequestState]] = defaultdict(list)
+        for state in self.running:
+            groups[state.req.recipe.family].append(state)
+        return groups
+
+    def _mix_and_sample(self, states: list[RequestState], logps) -> None:
+        t = time.perf_counter()
+        seqs = [s for st in states for s in st.sequences if not s.finished]
+        if not seqs:
+            return
+        for row, seq in enumerate(seqs):
+            seq.row = row
+        policies = {p for st in states for p in st.weights if p in logps}
+        lp0 = logps[next(iter(policies))][0]
+        V, device = lp0.shape[1], lp0.device
+        mixed = torch.zeros(len(seqs), V, dtype=torch.float32, device=device)  # [S, V]
+        for p in policies:
+            lp, slot_of = logps[p]
+            members = [(s.row, slot_of[s.seq_id], s.request.weights[p]) for s in seqs
+                       if s.seq_id in slot_of and s.request.weights.get(p, 0.0) != 0.0]
+            if not members:
+                continue
+            rows, slots, w = zip(*members)
+            w = torch.tensor(w, dtype=torch.float32, device=device)[:, None]
+            mixed.index_add_(0, torch.tensor(rows, device=device), w * lp[torch.tensor(slots, device=device)])
+        # n > 1: siblings join now with the leader's prompt cache and its first-step scores
+        sources = [s.row for s in seqs]
+        for st in states:
+            if not st.forked:
+                st.forked = True
+                leader = st.sequences[0]
+                for i in range(1, st.best_of):
+                    sib = self._new_sequence(st, i)
+                    for p in st.prompts:
+                        self.runners[p].fork(leader, sib)
+                        sib.feeds[p] = []
+                    sib.row = len(sources)
+                    sources.append(leader.row)
+                    seqs.append(sib)
+        if len(sources) > mixed.shape[0]:
+            mixed = mixed[torch.tensor(sources, device=device)]
+        lse = torch.logsumexp(mixed, dim=-1)  # [S]
+        self.timers["mix"] += time.perf_counter() - t
+
+        t = time.perf_counter()
+        bad = ~torch.isfinite(lse)
+        tokens: list[int | None] = []
+        for seq in seqs:
+            if bad[seq.row]:
+                tokens.append(None)
+                continue
+            sp = seq.request.req.sampling
+            blocked = []
+            if len(seq.output_ids) < sp.min_tokens:
+                blocked = sorted(seq.request.eos_ids | set(sp.stop_token_ids))
+            s = apply_penalties(mixed[seq.row], sp, seq.request.prompts[next(iter(seq.request.prompts))],
+                                seq.output_ids, blocked)
+            tokens.append(sample_token(s, sp, seq.generator))
+        self.timers["sample"] += time.perf_counter() - t
+
+        t = time.perf_counter()
+        ok = [(seq, tok) for seq, tok in zip(seqs, tokens) if tok is not None]
+        for seq, tok in zip(seqs, tokens):
+            if tok is None and not seq.request.status == Status.FINISHED:
+                self._fail(seq.request, "the mixed distribution is not finite (NaN or infinite log-probabilities)",
+                           code="nan")
+        ok = [(seq, tok) for seq, tok in ok if seq.request.status != Status.FINISHED]
+        if ok:
+            self._record(ok, mixed, lse, logps, sources)
+        self.timers["detok"] += time.perf_counter() - t
+
+    def _record(self, ok, mixed, lse, logps, sources) -> None:
+        """Logprobs and signals of the chosen tokens, then stop checks and events."""
+        rows = torch.tensor([seq.row for seq, _ in ok], device=mixed.device)
+        toks = torch.tensor([tok for _, tok in ok], device=mixed.device)
+        chosen = (mixed[rows, toks] - lse[rows]).tolist()
+        row_leader = {seq.seq_id: seq.request.sequences[0].seq_id for seq, _ in ok}
+        for k, (seq, tok) in enumerate(ok):
+            state = seq.request
+            req = state.req
+            sp = req.sampling
+            ev = TokenEvent(index=seq.index, token_id=tok, text="", logprob=chosen[k])
+            if sp.logprobs:
+                top = torch.topk(mixed[seq.row], min(sp.logprobs, mixed.shape[1]))
+                lv = (top.values - lse[seq.row]).tolist()
+                ev.top_logprobs = list(zip(top.indices.tolist(), lv))
+            need_policy = req.return_policy_logprobs or req.return_token_signals or (
+                req.rerank is not None and req.rerank.kind == "implicit")
+            if need_policy:
+                pl = {}
+                for p in state.weights:
+                    lp, slot_of = logps[p]
+                    slot = slot_of.get(seq.seq_id, slot_of.get(row_leader[seq.seq_id]))
+                    pl[p] = float(lp[slot, tok])
+                    seq.policy_logprob_sums[p] = seq.policy_logprob_sums.get(p, 0.0) + pl[p]
+                if req.return_policy_logprobs or req.return_token_signals:
+                    ev.policy_logprobs = pl
+                pair = state.signal_pair
+                if pair is not None:
+                    ev.implicit_reward = pair.beta * (pl[pair.policy] - pl[pair.reference])
+                    lp_ref, slot_of = logps[pair.reference]
+                    slot = slot_of.get(seq.seq_id, slot_of.get(row_leader[seq.seq_id]))
+                    logq = mixed[seq.row] - lse[seq.row]
+                    ev.kl = float((logq.exp() * (logq - lp_ref[slot])).sum().clamp_min(0.0))
+                    seq.kl_sum += ev.kl
+                    seq.reward_sum += ev.implicit_reward
+            self._advance(seq, tok, ev)
+
+    def _advance(self, seq: Sequence, tok: int, ev: TokenEvent) -> None:
+        state = seq.request
+        sp = state.req.sampling
+        if state.first_token_time is None:
+            state.first_token_time = time.monotonic()
+        seq.output_ids.append(tok)
+        seq.cum_logprob += ev.logprob
+        stopped = False
+        if tok in state.eos_ids and not sp.ignore_eos:
+            seq.finish_reason = "stop"
+        elif tok in sp.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", tok
+        else:
+            stopped = seq.detok.add(tok)
+            if stopped:
+                seq.finish_reason, seq.stop_reason = "stop", seq.detok.stop_reason
+            elif len(seq.output_ids) >= sp.max_tokens:
+                seq.finish_reason = "length"
+        ev.text = seq.detok.release(final=seq.finished)
+        ev.finish_reason = seq.finish_reason
+        if state.buffered:
+            seq.events.append(ev)
+        else:
+            state.emit(ev)
+        if seq.finished:
+            for p in state.prompts:
+                self.runners[p].remove(seq)
+            if all(s.finished for s in state.sequences) and len(state.sequences) == state.best_of:
+                self._finish(state)
+        else:
+            for p in state.prompts:
+                seq.feeds[p].append(tok)
+
+    def _finish(self, state: RequestState) -> None:
+        req = state.req
+        seqs = state.sequences
+        candidates = None
+        chosen = seqs[: req.sampling.n]
+        if state.buffered:
+            scores = self._scores(state)
+            candidates = [Candidate(s.detok.text, list(s.output_ids), sc, s.finish_reason)
+                          for s, sc in zip(seqs, scores)]
+            order = sorted(range(len(seqs)), key=lambda i: -scores[i])[: req.sampling.n]
+            chosen = [seqs[i] for i in order]
+            for new_index, s in enumerate(chosen):
+                for ev in s.events:
+                    ev.index = new_index
+                    state.emit(ev)
+        results = []
+        for new_index, s in enumerate(chosen):
+            results.append(SequenceResult(
+                index=new_index, text=s.detok.text, token_ids=list(s.output_ids), finish_reason=s.finish_reason,
+                stop_reason=s.stop_reason,
+                kl_to_reference=s.kl_sum if state.signal_pair else None,
+                implicit_reward=s.reward_sum if state.signal_pair else None))
+        self._release(state)
+        state.emit(RequestDone(
+            prompt_tokens=state.prompt_len, completion_tokens=sum(len(s.output_ids) for s in seqs),
+            sequences=results, weights=dict(req.recipe.weights), candidates=candidates,
+            kl_bound=kl_bound(len(seqs)) if state.buffered else None))
+
+    def _scores(self, state: RequestState) -> list[float]:
+        rr = state.req.rerank
+        seqs = state.sequences
+        if rr is None or rr.kind == "logprob":
+            return [s.cum_logprob / max(1, len(s.output_ids)) for s in seqs]
+        if rr.kind == "implicit":
+            spec = rr.implicit
+            return [spec.beta * (s.policy_logprob_sums.get(spec.policy, 0.0) - s.policy_logprob_sums.get(spec.reference, 0.0))
+                    for s in seqs]
+        rm = self.registry.policies[rr.reward_model]
+        return reward_model_scores(rm, state.req.prompt, [s.detok.text for s in seqs])

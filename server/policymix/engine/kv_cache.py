@@ -1,0 +1,85 @@
+"""Per-policy KV cache with one slot per running sequence (continuous batching).
+
+The model drives it only through ``update(key_states, value_states, layer_idx, ...)``, like any
+transformers Cache. Per layer, K and V live in preallocated buffers ``[slots, kv_heads, capacity,
+head_dim]``; active sequences occupy slots ``[0, n)`` so a step reads the zero-copy view
+``K[:B, :, :kv_len]``. When a sequence leaves, the last slot moves into the hole (compaction).
+Buffers start small and double (slots and capacity) when a step needs more, so memory follows the
+longest running sequence rather than the model's context length.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class SlotKVCache:
+    is_compileable = False  # tells transformers' mask code not to expect static shapes
+
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, slots: int = 4, capacity: int = 128):
+        self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
+        self.dtype, self.device = dtype, device
+        # zero-initialised so that reused or padding cells always hold finite values
+        self.k = [torch.zeros(slots, kv_heads, capacity, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros_like(t) for t in self.k]
+        self._batch = 0
+        self._kv_len = 0
+        self._bidx: torch.Tensor | None = None  # [B, Q] row of each written cell
+        self._widx: torch.Tensor | None = None  # [B, Q] cache position of each written cell
+
+    @property
+    def slots(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def reserve(self, slots: int, capacity: int) -> None:
+        """Grow (by doubling) so that ``slots`` rows of ``capacity`` positions fit."""
+        new_s, new_c = self.slots, self.capacity
+        while new_s < slots:
+            new_s *= 2
+        while new_c < capacity:
+            new_c *= 2
+        if (new_s, new_c) == (self.slots, self.capacity):
+            return
+        s, c = self.slots, self.capacity
+        for buf in (self.k, self.v):
+            for i, old in enumerate(buf):
+                new = torch.zeros(new_s, self.kv_heads, new_c, self.head_dim, dtype=self.dtype, device=self.device)
+                new[:s, :, :c] = old
+                buf[i] = new
+
+    def begin_step(self, batch: int, write_pos: torch.Tensor, kv_len: int) -> None:
+        """Set where the next forward writes: ``write_pos`` [B, Q] cache positions per row."""
+        self._batch = batch
+        self._kv_len = kv_len
+        self._widx = write_pos
+        self._bidx = torch.arange(batch, device=write_pos.device)[:, None].expand_as(write_pos)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        # key_states: [B, H, Q, D] -> cells K[b, :, widx[b, q]] (advanced indices first: [B, Q, H, D])
+        k, v = self.k[layer_idx], self.v[layer_idx]
+        k[self._bidx, :, self._widx] = key_states.transpose(1, 2)
+        v[self._bidx, :, self._widx] = value_states.transpose(1, 2)
+        return k[: self._batch, :, : self._kv_len], v[: self._batch, :, : self._kv_len]
+
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        """Copy the first ``length`` positions of slot ``src`` into ``dst`` (compaction, n > 1 forks)."""
+        if length == 0 or src == dst:
+            return
+        for buf in (self.k, self.v):
+            for t in buf:
+                t[dst, :, :length] = t[src, :, :length]
+
+    # transformers may ask these of a cache; explicit positions and a 4D mask make them unused.
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._kv_len
+
+    def __len__(self) -> int:
+        return self.num_layers

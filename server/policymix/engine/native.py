@@ -1,0 +1,179 @@
+"""The native engine: an EngineClient that steps :class:`EngineCore` on one background thread.
+
+Requests and aborts cross into the thread through an inbox; events come back through each
+request's asyncio queue (``call_soon_threadsafe``). If the loop dies, ``is_healthy()`` turns false.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any, AsyncIterator, Callable
+
+from ..config import Config
+from ..errors import PolicymixError
+from ..mixing.recipes import CompiledRecipe, compile_recipe
+from ..registry import Registry, load_registry
+from .core import EngineCore
+from .protocol import EngineClient, EngineEvent, GenerationRequest, ModelCard, RequestDone
+
+log = logging.getLogger("policymix.engine")
+
+
+class NativeEngine(EngineClient):
+    def __init__(self, registry: Registry):
+        self.registry = registry
+        self.core = EngineCore(registry)
+        self._inbox: list[tuple[str, Any]] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._draining = False
+        self._dead: str | None = None
+        self._pending = 0  # submitted, not yet admitted into the core (queue accounting)
+        self.on_fatal: Callable[[str], None] | None = None  # e.g. exit the process for a supervisor
+
+    @classmethod
+    def from_config(cls, cfg: Config, progress: bool = True) -> "NativeEngine":
+        import torch
+
+        if cfg.server.torch_threads:
+            torch.set_num_threads(cfg.server.torch_threads)
+        report = (lambda msg: print(msg, flush=True)) if progress else None
+        return cls(load_registry(cfg, progress=report))
+
+    # ----- EngineClient ------------------------------------------------------------------------
+
+    def models(self) -> list[ModelCard]:
+        reg = self.registry
+        cards = [ModelCard(name, "policy" if p.kind == "causal" else "reward", p.family,
+                           max_model_len=reg.max_model_len(p.family)) for name, p in reg.policies.items()]
+        infos = reg.infos()
+        for name, recipe in reg.config.mixtures.items():
+            c = compile_recipe(recipe, name, infos, reg.config.mixtures)
+            cards.append(ModelCard(name, "mixture", c.family, weights=c.weights, max_model_len=reg.max_model_len(c.family)))
+        return cards
+
+    def compile(self, model: str, mixture: Any) -> CompiledRecipe:
+        return compile_recipe(mixture, model, self.registry.infos(), self.registry.config.mixtures)
+
+    def tokenizer(self, model: str) -> Any:
+        reg = self.registry
+        if model in reg.policies:
+            return reg.policies[model].tokenizer
+        family = self.compile(model, None).family
+        return reg.family_members(family)[0].tokenizer
+
+    def prompt_length(self, request: GenerationRequest) -> int:
+        return self.core.render(request).prompt_len
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
+        if self._dead or self._draining:
+            raise PolicymixError("the engine is not accepting requests", code="engine_unavailable")
+        state = self.core.render(request)  # bad input raises here, before anything is queued
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        state.emit = lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)
+        with self._lock:
+            self._check_room()
+            self._inbox.append(("add", state))
+            self._pending += 1
+        self._wake.set()
+        done = False
+        try:
+            while True:
+                ev = await queue.get()
+                yield ev
+                if isinstance(ev, RequestDone):
+                    done = True
+                    return
+        finally:
+            if not done:  # the client went away (or the consumer stopped): free its cache now
+                self._post(("abort", request.request_id))
+
+    def _check_room(self) -> None:
+        from ..errors import Overloaded
+
+        if len(self.core.waiting) + self._pending >= self.core.max_queue + self.core.max_num_seqs:
+            raise Overloaded(f"the server is full ({self.core.max_queue} requests waiting)", status=503)
+
+    async def abort(self, request_id: str) -> None:
+        self._post(("abort", request_id))
+
+    def _post(self, item) -> None:
+        with self._lock:
+            self._inbox.append(item)
+        self._wake.set()
+
+    def is_healthy(self) -> bool:
+        return self._dead is None and self._thread is not None and self._thread.is_alive()
+
+    def stats(self) -> dict[str, Any]:
+        core = self.core
+        return {
+            "running": sum(len([s for s in st.sequences if not s.finished]) for st in core.running),
+            "running_requests": len(core.running),
+            "waiting": len(core.waiting) + self._pending,
+            "forwards": {name: r.forwards for name, r in core.runners.items()},
+            "timers": dict(core.timers),
+            "steps": core.steps,
+            "kv_cache_bytes": {name: r.cache.nbytes() for name, r in core.runners.items()},
+        }
+
+    async def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="policymix-engine", daemon=True)
+            self._thread.start()
+
+    async def shutdown(self, deadline_s: float = 30.0) -> None:
+        """Stop admitting; let running requests finish until the deadline, then abort the rest."""
+        self._draining = True
+        end = time.monotonic() + deadline_s
+        while self.core.has_work() or self._inbox:
+            if time.monotonic() > end:
+                self._post(("fail_all", "the server is shutting down"))
+                break
+            await asyncio.sleep(0.02)
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 5.0)
+
+    # ----- the loop ----------------------------------------------------------------------------
+
+    def _drain_inbox(self) -> None:
+        with self._lock:
+            items, self._inbox = self._inbox, []
+        for kind, arg in items:
+            if kind == "add":
+                self._pending -= 1
+                try:
+                    self.core.add(arg)
+                except PolicymixError as err:
+                    arg.emit(RequestDone(arg.prompt_len, 0, [], dict(arg.req.recipe.weights),
+                                         error=err.message))
+            elif kind == "abort":
+                self.core.abort(arg)
+            elif kind == "fail_all":
+                self.core.fail_all(arg)
+
+    def _loop(self) -> None:
+        try:
+            while not self._stopping:
+                self._drain_inbox()
+                if self.core.has_work():
+                    self.core.step()
+                else:
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+        except BaseException as err:  # noqa: BLE001 - report, then let health checks see it
+            self._dead = f"{type(err).__name__}: {err}"
+            log.exception("engine loop died")
+            try:
+                self.core.fail_all(f"the engine stopped: {self._dead}")
+            finally:
+                if self.on_fatal:
+                    self.on_fatal(self._dead)

@@ -1,0 +1,248 @@
+"""The policy registry: loads every policy of a config once and groups them into tokenizer families.
+
+Policies that name the same weights (a "prompted policy" is the same model with its own system
+prompt) share one loaded model; each still gets its own KV cache in the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import Config, PolicySpec
+from .engine.protocol import Prompt
+from .errors import ConfigError, ContextTooLong, PolicymixError
+from .mixing.recipes import PolicyInfo
+
+log = logging.getLogger("policymix.registry")
+
+METADATA_FILE = "policymix.json"  # {"beta": ..., "reference": ...} written next to trained weights
+
+
+@dataclass
+class LoadedPolicy:
+    name: str
+    spec: PolicySpec
+    model: Any  # torch.nn.Module (causal LM or sequence classifier), shared between prompted policies
+    tokenizer: Any
+    family: int
+    vocab_size: int  # tokenizer length: logits are cut to it (checkpoints often pad the lm_head)
+    max_len: int  # context length of the model
+    device: Any
+    dtype: Any
+    beta: float | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.spec.kind
+
+    @property
+    def system_prompt(self) -> str | None:
+        return self.spec.system_prompt
+
+    def info(self) -> PolicyInfo:
+        return PolicyInfo(self.name, self.kind, self.family, self.spec.reference, self.beta,
+                          self.spec.protected, self.spec.floor)
+
+    def render(self, prompt: Prompt) -> list[int]:
+        """Token ids of ``prompt`` as this policy sees it (its own system prompt included)."""
+        tok = self.tokenizer
+        sp = self.system_prompt
+        if prompt.messages is not None:
+            if not getattr(tok, "chat_template", None):
+                raise PolicymixError(f"model `{self.name}` has no chat template; use /v1/completions",
+                                     param="messages", code="no_chat_template")
+            messages = [dict(m) for m in prompt.messages]
+            if sp:
+                if messages and messages[0].get("role") in ("system", "developer"):
+                    messages[0]["content"] = f"{sp}\n\n{messages[0]['content']}"
+                else:
+                    messages.insert(0, {"role": "system", "content": sp})
+            text = tok.apply_chat_template(messages, add_generation_prompt=prompt.add_generation_prompt,
+                                           tokenize=False)
+            return list(tok(text, add_special_tokens=False).input_ids)
+        if prompt.token_ids is not None:
+            ids = list(prompt.token_ids)
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise PolicymixError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})",
+                                     param="prompt")
+            if sp:
+                prefix = list(tok(sp + "\n\n").input_ids)
+                bos = tok.bos_token_id
+                if ids and bos is not None and ids[0] == bos and prefix and prefix[0] == bos:
+                    ids = ids[1:]
+                ids = prefix + ids
+            return ids
+        text = prompt.text if prompt.text is not None else ""
+        if sp:
+            text = f"{sp}\n\n{text}"
+        return list(tok(text).input_ids)
+
+
+@dataclass
+class Registry:
+    config: Config
+    policies: dict[str, LoadedPolicy] = field(default_factory=dict)
+
+    def infos(self) -> dict[str, PolicyInfo]:
+        return {name: p.info() for name, p in self.policies.items()}
+
+    def family_members(self, family: int) -> list[LoadedPolicy]:
+        return [p for p in self.policies.values() if p.family == family]
+
+    def max_model_len(self, family: int) -> int:
+        cap = self.config.server.max_model_len
+        lens = [p.max_len for p in self.family_members(family) if p.kind == "causal"]
+        m = min(lens) if lens else 2048
+        return min(m, cap) if cap else m
+
+    def check_length(self, family: int, prompt_len: int, max_tokens: int) -> None:
+        limit = self.max_model_len(family)
+        if prompt_len + max_tokens > limit:
+            raise ContextTooLong(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the completion).",
+                param="max_tokens" if prompt_len < limit else "prompt",
+            )
+
+
+def _torch_dtype(name: str, device: str):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, name)
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return name
+
+
+def _weights_source(cfg: Config, spec: PolicySpec) -> tuple[str, str | None, str | None]:
+    """(model path or hub id, gguf file name, adapter path)."""
+    path = cfg.resolve(spec.path)
+    adapter = cfg.resolve(spec.adapter) if spec.adapter else None
+    gguf = spec.gguf_file
+    p = Path(path)
+    if gguf is None and path.endswith(".gguf"):
+        if not p.is_file():
+            raise ValueError(f"GGUF file {path} does not exist")
+        return str(p.parent), p.name, adapter
+    if adapter is None and (p / "adapter_config.json").is_file():
+        # a PEFT adapter directory given as the path: its base comes from the adapter config
+        base = json.loads((p / "adapter_config.json").read_text())["base_model_name_or_path"]
+        return cfg.resolve(base), None, path
+    looks_local = path.startswith(("/", ".", "~")) or p.exists()
+    if looks_local and not p.exists():
+        raise ValueError(f"path {path} does not exist")
+    return path, gguf, adapter
+
+
+def _load_model(source: tuple[str, str | None, str | None], spec: PolicySpec, dtype, device: str, revision):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    path, gguf, adapter = source
+    cls = AutoModelForSequenceClassification if spec.kind == "reward" else AutoModelForCausalLM
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    if revision:
+        kwargs["revision"] = revision
+    model = cls.from_pretrained(path, **kwargs)
+    if adapter:
+        from peft import PeftModel  # optional: only configs with adapters need peft
+
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _load_tokenizer(cfg: Config, spec: PolicySpec, source: tuple[str, str | None, str | None]):
+    from transformers import AutoTokenizer
+
+    path, gguf, adapter = source
+    if spec.tokenizer:
+        return AutoTokenizer.from_pretrained(cfg.resolve(spec.tokenizer))
+    if adapter and Path(adapter, "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(adapter)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    return AutoTokenizer.from_pretrained(path, **kwargs)
+
+
+def _read_metadata(source: tuple[str, str | None, str | None]) -> dict:
+    for d in (source[2], source[0]):
+        if d and Path(d, METADATA_FILE).is_file():
+            return json.loads(Path(d, METADATA_FILE).read_text())
+    return {}
+
+
+def load_registry(cfg: Config, progress: Callable[[str], None] | None = None) -> Registry:
+    """Load every policy; raise ConfigError with one line naming the policy and the cause."""
+    reg = Registry(cfg)
+    models: dict[tuple, Any] = {}
+    tokenizers: dict[tuple, Any] = {}
+    vocabs: list[dict[str, int]] = []  # one per family
+    for i, (name, spec) in enumerate(cfg.policies.items()):
+        if progress:
+            progress(f"[{i + 1}/{len(cfg.policies)}] loading policy {name} from {spec.path}")
+        try:
+            device = _device(spec.device)
+            dtype = _torch_dtype(spec.dtype, device)
+            source = _weights_source(cfg, spec)
+            key = (source, spec.kind, str(dtype), device, spec.revision)
+            if key not in models:
+                models[key] = _load_model(source, spec, dtype, device, spec.revision)
+            tkey = (source, spec.tokenizer)
+            if tkey not in tokenizers:
+                tokenizers[tkey] = _load_tokenizer(cfg, spec, source)
+            model, tok = models[key], tokenizers[tkey]
+        except ConfigError:
+            raise
+        except Exception as err:  # noqa: BLE001 - any load failure becomes one clear line
+            msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"policies.{name}: cannot load {spec.path!r}: {msg}") from None
+        vocab = tok.get_vocab()
+        family = next((f for f, v in enumerate(vocabs) if v == vocab), None)
+        if family is None:
+            family = len(vocabs)
+            vocabs.append(vocab)
+        mcfg = model.config
+        out_vocab = getattr(mcfg, "vocab_size", len(tok))
+        if spec.kind == "causal" and out_vocab < len(tok):
+            raise ConfigError(f"policies.{name}: the model's vocabulary ({out_vocab}) is smaller than its "
+                              f"tokenizer's ({len(tok)})")
+        meta = _read_metadata(source)
+        reg.policies[name] = LoadedPolicy(
+            name=name, spec=spec, model=model, tokenizer=tok, family=family, vocab_size=len(tok),
+            max_len=int(getattr(mcfg, "max_position_embeddings", 2048) or 2048),
+            device=device, dtype=dtype, beta=spec.beta if spec.beta is not None else meta.get("beta"),
+        )
+    for name, spec in cfg.policies.items():
+        if spec.reference and reg.policies[spec.reference].family != reg.policies[name].family:
+            raise ConfigError(f"policies.{name}: its reference {spec.reference!r} uses a different tokenizer "
+                              "(tokenizers must map every token to the same id)")
+    _check_mixtures(reg)
+    return reg
+
+
+def _check_mixtures(reg: Registry) -> None:
+    from .mixing.recipes import compile_recipe
+
+    infos = reg.infos()
+    for name, recipe in reg.config.mixtures.items():
+        try:
+            compile_recipe(recipe, next(iter(infos)), infos, reg.config.mixtures)
+        except PolicymixError as err:
+            raise ConfigError(f"mixtures.{name}: {err.message}") from None

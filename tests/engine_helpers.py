@@ -1,0 +1,71 @@
+"""Helpers to drive the engine core synchronously in tests, and a no-cache oracle."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from policymix.engine.protocol import GenerationRequest, Prompt, RequestDone, SamplingParams, TokenEvent
+
+_ids = itertools.count()
+
+
+def make_request(engine_core, model="base", mixture=None, prompt="Hello world", **sampling) -> GenerationRequest:
+    from policymix.mixing.recipes import compile_recipe
+
+    reg = engine_core.registry
+    recipe = compile_recipe(mixture, model, reg.infos(), reg.config.mixtures)
+    extra = {k: sampling.pop(k) for k in ("rerank", "return_token_signals", "signals", "return_policy_logprobs")
+             if k in sampling}
+    p = Prompt(text=prompt) if isinstance(prompt, str) else Prompt(token_ids=list(prompt))
+    return GenerationRequest(f"req-{next(_ids)}", model, recipe, p, SamplingParams(**sampling), **extra)
+
+
+class Collector:
+    """Collects the events of one request (the emit sink of a RequestState)."""
+
+    def __init__(self):
+        self.events: list[TokenEvent] = []
+        self.done: RequestDone | None = None
+
+    def __call__(self, ev):
+        if isinstance(ev, RequestDone):
+            self.done = ev
+        else:
+            self.events.append(ev)
+
+    def tokens(self, index=0):
+        return [e.token_id for e in self.events if e.index == index]
+
+
+def submit(core, req) -> Collector:
+    state = core.render(req)
+    col = Collector()
+    state.emit = col
+    core.add(state)
+    return col
+
+
+def run_until_done(core, cols, max_steps=10_000):
+    for _ in range(max_steps):
+        if all(c.done is not None for c in cols):
+            return
+        core.step()
+    raise AssertionError("engine did not finish")
+
+
+@torch.inference_mode()
+def oracle_mixed_logprobs(registry, weights: dict[str, float], prompts: dict[str, list[int]],
+                          output: list[int]) -> torch.Tensor:
+    """log_softmax(sum_k w_k log_softmax(l_k)) by a full forward of each policy, no cache."""
+    total = None
+    for name, w in weights.items():
+        if w == 0:
+            continue
+        pol = registry.policies[name]
+        ids = torch.tensor([prompts[name] + output])
+        logits = pol.model(input_ids=ids).logits[0, -1, : pol.vocab_size].float()
+        term = w * torch.log_softmax(logits, -1)
+        total = term if total is None else total + term
+    return torch.log_softmax(total, -1)
