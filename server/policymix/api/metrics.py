@@ -32,16 +32,12 @@ class _EngineCollector:
         except Exception:  # a scrape must never fail because the engine is busy or down
             s = {}
         for key in ("running", "waiting"):
-            g = GaugeMetricFamily(f"policymix_engine_{key}", f"Sequences {key} in the engine (all models)")
+            g = GaugeMetricFamily(f"policymix_engine_{key}", f"{key.capitalize()} in the engine, all models "
+                                  "(running: sequences; waiting: requests)")
             g.add_metric([], float(s.get(key, 0)))
             yield g
         c = CounterMetricFamily("policymix_policy_forwards", "Batched forward passes per policy", labels=["policy"])
-        for policy, count in sorted((s.get("policy_forwards") or {}).items()):
-            c.add_metric([policy], float(count))
-        yield c
-        c = CounterMetricFamily("policymix_policy_forward_rows",
-                                "Sequence rows computed in forward passes per policy", labels=["policy"])
-        for policy, count in sorted((s.get("policy_rows") or {}).items()):
+        for policy, count in sorted((s.get("forwards") or {}).items()):
             c.add_metric([policy], float(count))
         yield c
 

@@ -183,6 +183,7 @@ class EngineCore:
 
     # ----- one step ----------------------------------------------------------------------------
 
+    @torch.no_grad()
     def step(self) -> None:
         t0 = time.perf_counter()
         self._admit()

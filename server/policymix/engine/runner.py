@@ -67,7 +67,7 @@ class PolicyRunner:
         self.slots.pop()
         self.lengths.pop()
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: cache buffers made here are updated in place later
     def forward(self) -> torch.Tensor:
         """Feed every slot's pending tokens; return log-probs of the next token [B, V] (float32)."""
         feeds = [seq.feeds[self.name] for seq in self.slots]

@@ -1,0 +1,361 @@
+"""Map OpenAI requests to engine GenerationRequests, and engine events back to OpenAI responses.
+
+One flow serves both endpoints: compile the model/mixture, check the caller's key, build one engine
+request per prompt, then either collect the events into one response or stream them as SSE
+chunks. The endpoint-specific shapes (text vs. chat message, the two logprobs formats) live in
+:mod:`policymix.api.shapes`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from contextlib import aclosing
+from dataclasses import dataclass, field, replace
+from typing import Any, AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+
+from ..config import Config
+from ..engine.protocol import (
+    EngineClient,
+    GenerationRequest,
+    ImplicitRewardSpec,
+    ModelCard,
+    Prompt,
+    RequestDone,
+    RerankSpec,
+    SamplingParams,
+    TokenEvent,
+)
+from ..errors import Overloaded, PolicymixError
+from ..mixing.recipes import CompiledRecipe
+from . import shapes
+from .auth import ApiKey
+from .errors import ApiError, error_payload
+from .metrics import RequestTracker, ServerMetrics
+from .protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCardOut,
+    ModelList,
+    ModelPolicymix,
+    TokenizeRequest,
+    TokenizeResponse,
+    _Common,
+)
+from .streams import ClientGone, merged, unless_disconnected
+from .tokens import TokenTextCache
+
+
+@dataclass
+class Job:
+    """A validated request, ready to run: one engine request per prompt, n choices each."""
+
+    shape: shapes.Shape
+    response_id: str
+    model: str
+    recipe: CompiledRecipe
+    requests: list[GenerationRequest]
+    n: int
+    stream: bool
+    include_usage: bool
+    keep_events: bool  # logprobs or token signals need every TokenEvent
+    echo: list[str] | None = None  # completions with echo: each prompt's text
+    key: ApiKey | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+class Serving:
+    def __init__(self, engine: EngineClient, config: Config, metrics: ServerMetrics):
+        self.engine = engine
+        self.config = config
+        self.metrics = metrics
+        self.token_texts = TokenTextCache()
+        self._cards: list[ModelCard] | None = None
+
+    def cards(self) -> list[ModelCard]:
+        """The engine's models (fixed once it is loaded, so asked once)."""
+        if self._cards is None:
+            self._cards = self.engine.models()
+        return self._cards
+
+    # ------------------------------------------------------------------------------ simple routes
+
+    def list_models(self, key: ApiKey | None) -> ModelList:
+        allowed = None if key is None or key.spec.policies is None else set(key.spec.policies)
+        cards = [
+            ModelCardOut(id=c.name, max_model_len=c.max_model_len,
+                         policymix=ModelPolicymix(kind=c.kind, family=c.family, weights=c.weights))
+            for c in self.cards() if allowed is None or c.name in allowed
+        ]
+        return ModelList(data=cards)
+
+    def model_card(self, name: str, key: ApiKey | None) -> ModelCardOut:
+        for card in self.list_models(key).data:
+            if card.id == name:
+                return card
+        raise ApiError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
+
+    def _tokenizer(self, model: str, key: ApiKey | None) -> Any:
+        self.model_card(model, key)  # 404 for unknown or out-of-scope names
+        return self.engine.tokenizer(model)
+
+    def tokenize(self, body: TokenizeRequest, key: ApiKey | None) -> TokenizeResponse:
+        tok = self._tokenizer(body.model, key)
+        if (body.prompt is None) == (body.messages is None):
+            raise ApiError(400, "send exactly one of prompt or messages", param="prompt")
+        if body.messages is not None:
+            if not getattr(tok, "chat_template", None):
+                raise ApiError(400, f"model `{body.model}` has no chat template", param="messages",
+                               code="no_chat_template")
+            text = tok.apply_chat_template([{"role": m.role, "content": m.text()} for m in body.messages],
+                                           add_generation_prompt=bool(body.add_generation_prompt), tokenize=False)
+            ids = tok(text, add_special_tokens=False).input_ids
+        else:
+            ids = tok(body.prompt, add_special_tokens=bool(body.add_special_tokens)).input_ids
+        return TokenizeResponse(count=len(ids), max_model_len=self.model_card(body.model, key).max_model_len,
+                                tokens=list(ids))
+
+    def detokenize(self, body: DetokenizeRequest, key: ApiKey | None) -> DetokenizeResponse:
+        tok = self._tokenizer(body.model, key)
+        bad = [t for t in body.tokens if t >= len(tok)]
+        if bad:
+            raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{len(tok) - 1})", param="tokens")
+        return DetokenizeResponse(prompt=tok.decode(body.tokens))
+
+    # ----------------------------------------------------------------------------- generation
+
+    async def completions(self, body: CompletionRequest, key: ApiKey | None, http: Request) -> Response:
+        prompts = [Prompt(text=p) if isinstance(p, str) else Prompt(token_ids=list(p)) for p in body.prompts()]
+        if body.echo and body.logprobs is not None:
+            raise ApiError(400, "echo with logprobs needs prompt logprobs, which this server does not compute",
+                           param="echo")
+        job = self._prepare(body, key, prompts, shapes.COMPLETION, body.max_tokens, body.logprobs, "cmpl")
+        if body.echo:
+            tok = self.engine.tokenizer(body.model)
+            job.echo = [p.text if p.text is not None else tok.decode(p.token_ids) for p in prompts]
+        return await self._respond(job, http)
+
+    async def chat(self, body: ChatCompletionRequest, key: ApiKey | None, http: Request) -> Response:
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        prompt = Prompt(messages=messages, add_generation_prompt=bool(body.add_generation_prompt))
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        job = self._prepare(body, key, [prompt], shapes.CHAT, max_tokens, logprobs, "chatcmpl")
+        return await self._respond(job, http)
+
+    def _prepare(self, body: _Common, key: ApiKey | None, prompts: list[Prompt], shape: shapes.Shape,
+                 max_tokens: int | None, logprobs: int | None, prefix: str) -> Job:
+        recipe = self.engine.compile(body.model, body.mixture)
+        if key is not None:
+            key.authorize(body.model, body.mixture, recipe, body.rerank)
+        sampling = self._sampling(body, max_tokens, logprobs)
+        if key is not None:
+            key.check_limits(max_tokens, max(sampling.n, sampling.best_of or 1))
+        response_id = f"{prefix}-{uuid.uuid4().hex}"
+        now = time.monotonic()
+        timeout = self.config.server.request_timeout_s
+        requests = []
+        for i, prompt in enumerate(prompts):
+            req = GenerationRequest(
+                request_id=f"{response_id}-{i}", model=body.model, recipe=recipe, prompt=prompt,
+                sampling=sampling if i == 0 else _copy(sampling), rerank=_rerank(body.rerank),
+                return_token_signals=bool(body.return_token_signals),
+                return_policy_logprobs=bool(body.return_token_signals),
+                arrival_time=now, deadline=now + timeout,
+            )
+            self._fit_context(req, max_tokens, key)
+            requests.append(req)
+        stream = bool(body.stream)
+        include_usage = bool(stream and body.stream_options and body.stream_options.include_usage)
+        keep = logprobs is not None or bool(body.return_token_signals)
+        return Job(shape, response_id, body.model, recipe, requests, sampling.n, stream, include_usage, keep, key=key)
+
+    def _fit_context(self, req: GenerationRequest, max_tokens: int | None, key: ApiKey | None) -> None:
+        """Check the prompt against the context; an unset max_tokens (chat) takes what is left."""
+        if max_tokens is not None:
+            self.engine.prompt_length(req)  # raises ContextTooLong with the numbers
+            return
+        req.sampling.max_tokens = 1
+        room = self._max_model_len(req.recipe) - self.engine.prompt_length(req)
+        if key is not None and key.spec.max_tokens is not None:
+            room = min(room, key.spec.max_tokens)
+        req.sampling.max_tokens = max(1, room)
+
+    def _max_model_len(self, recipe: CompiledRecipe) -> int:
+        lens = [c.max_model_len for c in self.cards()
+                if c.family == recipe.family and c.max_model_len is not None]
+        return min(lens) if lens else 2048
+
+    def _sampling(self, body: _Common, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        n = body.n or 1
+        best_of = body.best_of
+        temperature = 1.0 if body.temperature is None else body.temperature
+        if best_of is not None and best_of < n:
+            raise ApiError(400, f"best_of ({best_of}) must be >= n ({n})", param="best_of")
+        if (best_of or 1) > 1 and temperature == 0:
+            raise ApiError(400, "best_of > 1 needs temperature > 0: greedy candidates would be identical",
+                           param="best_of")
+        width = max(n, best_of or 1)
+        limit = self.config.server.max_best_of
+        if width > limit:
+            raise ApiError(400, f"{'best_of' if best_of else 'n'} {width} exceeds this server's maximum of {limit}",
+                           param="best_of" if best_of else "n")
+        if body.min_tokens and max_tokens is not None and body.min_tokens > max_tokens:
+            raise ApiError(400, f"min_tokens ({body.min_tokens}) must be <= max_tokens ({max_tokens})",
+                           param="min_tokens")
+        return SamplingParams(
+            max_tokens=max_tokens or 16,
+            temperature=temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=-1 if body.top_k is None else body.top_k,
+            min_p=body.min_p or 0.0,
+            seed=body.seed,
+            stop=list(body.stop or []),
+            stop_token_ids=list(body.stop_token_ids or []),
+            include_stop_str_in_output=bool(body.include_stop_str_in_output),
+            ignore_eos=bool(body.ignore_eos),
+            min_tokens=body.min_tokens or 0,
+            logprobs=logprobs,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+            logit_bias=self._logit_bias(body),
+            skip_special_tokens=body.skip_special_tokens is not False,
+            n=n,
+            best_of=best_of,
+        )
+
+    def _logit_bias(self, body: _Common) -> dict[int, float]:
+        if not body.logit_bias:
+            return {}
+        vocab = len(self.engine.tokenizer(body.model))
+        bias = {}
+        for k, v in body.logit_bias.items():
+            try:
+                tid = int(k)
+            except ValueError:
+                raise ApiError(400, f"logit_bias keys must be token ids, got {k!r}", param="logit_bias") from None
+            if not 0 <= tid < vocab:
+                raise ApiError(400, f"logit_bias token id {tid} is outside the vocabulary (0..{vocab - 1})",
+                               param="logit_bias")
+            bias[tid] = float(v)
+        return bias
+
+    # ------------------------------------------------------------------------------- running
+
+    async def _respond(self, job: Job, http: Request) -> Response:
+        if job.key is not None:
+            job.key.acquire()
+        trackers = [self.metrics.track(job.model) for _ in job.requests]
+        events = self._events(job, trackers)
+        try:
+            if job.stream:  # wait for the first event: errors before any byte get a real status
+                first = await unless_disconnected(http, anext(events))
+                if isinstance(first[1], RequestDone) and first[1].error:
+                    raise _engine_failure(first[1])
+            else:
+                body = await unless_disconnected(http, self._collect(job, events))
+        except ClientGone:
+            await self._close(job, events, trackers, "aborted")
+            return Response(status_code=499)  # nobody reads it; uvicorn drops it
+        except BaseException:
+            await self._close(job, events, trackers, "error")
+            raise
+        if not job.stream:
+            await self._close(job, events, trackers, "ok")
+            return JSONResponse(body)
+        return StreamingResponse(self._sse(job, first, events, trackers), media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+
+    async def _close(self, job: Job, events: AsyncIterator, trackers: list[RequestTracker], outcome: str) -> None:
+        await events.aclose()
+        for t in trackers:
+            t.finish(outcome)
+        if job.key is not None:
+            job.key.release()
+            job.key = None
+
+    async def _events(self, job: Job, trackers: list[RequestTracker]) -> AsyncIterator[tuple[int, Any]]:
+        async with aclosing(merged(self.engine, job.requests)) as events:
+            async for i, ev in events:
+                if isinstance(ev, TokenEvent):
+                    trackers[i].token(ev.index)
+                else:
+                    trackers[i].done(ev)
+                yield i, ev
+
+    async def _collect(self, job: Job, events: AsyncIterator) -> dict:
+        acc = shapes.Accumulator(job.n, job.keep_events)
+        async for i, ev in events:
+            acc.add(i, ev)
+            if isinstance(ev, RequestDone) and ev.error:
+                raise _engine_failure(ev)
+        texts = self.token_texts(self.engine.tokenizer(job.model))
+        return job.shape.response(job, acc, texts).model_dump(mode="json")
+
+    async def _sse(self, job: Job, first: tuple[int, Any], events: AsyncIterator,
+                   trackers: list[RequestTracker]) -> AsyncIterator[str]:
+        """``data: {json}\\n\\n`` per chunk, ``data: [DONE]\\n\\n`` at the end (errors as an error event)."""
+        acc = shapes.Accumulator(job.n, job.keep_events)
+        writer = job.shape.stream_writer(job, acc, self.token_texts(self.engine.tokenizer(job.model)))
+        outcome = "aborted"  # unless the loop finishes: a disconnect cancels this generator
+        try:
+            for chunk in writer.start():
+                yield _data(chunk)
+            item = first
+            while item is not None:
+                i, ev = item
+                if isinstance(ev, RequestDone) and ev.error:
+                    raise _engine_failure(ev)
+                for chunk in writer.event(i, ev):
+                    yield _data(chunk)
+                item = await anext(events, None)
+            for chunk in writer.finish():
+                yield _data(chunk)
+            outcome = "ok"
+        except Exception as exc:  # after the headers went out, errors travel as an SSE event
+            outcome = "error"
+            yield _data(error_payload(exc)[1])
+        finally:
+            await self._close(job, events, trackers, outcome)
+        yield "data: [DONE]\n\n"
+
+
+def _engine_failure(done: RequestDone) -> PolicymixError:
+    """The error a failed RequestDone stands for (its status when the engine gives one, else 500)."""
+    status = getattr(done, "error_status", None) or 500
+    if status in (429, 503):
+        return Overloaded(done.error, status=status)
+    return ApiError(status, done.error if status < 500 else f"generation failed: {done.error}",
+                    code=getattr(done, "error_code", None) or ("engine_error" if status >= 500 else None))
+
+
+def _data(obj: Any) -> str:
+    if isinstance(obj, BaseModel):
+        return f"data: {obj.model_dump_json(exclude_unset=True)}\n\n"
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+def _copy(s: SamplingParams) -> SamplingParams:
+    return replace(s, stop=list(s.stop), stop_token_ids=list(s.stop_token_ids), logit_bias=dict(s.logit_bias))
+
+
+def _rerank(spec: Any) -> RerankSpec | None:
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        return RerankSpec(kind="logprob")
+    if getattr(spec, "reward_model", None):
+        return RerankSpec(kind="reward_model", reward_model=spec.reward_model)
+    imp = spec.implicit
+    return RerankSpec(kind="implicit", implicit=ImplicitRewardSpec(imp.policy, imp.reference, imp.beta))
+

@@ -1,0 +1,308 @@
+"""Engine events -> OpenAI response bodies and stream chunks, for completions and chat.
+
+Choice ``index`` is ``prompt_position * n + sequence_index`` (OpenAI's numbering for a batched
+completions request). Streams end each choice with an empty chunk that carries its
+``finish_reason`` (as OpenAI's chat does); the last of them carries the ``policymix`` object.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any, Iterator, Protocol
+
+from ..engine.protocol import RequestDone, TokenEvent
+from .protocol import (
+    AssistantMessage,
+    CandidateOut,
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatStreamChoice,
+    ChoiceExtension,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionLogprobs,
+    CompletionResponse,
+    DeltaMessage,
+    PolicymixExtension,
+    TokenLogprob,
+    TokenSignal,
+    TopLogprob,
+    Usage,
+)
+from .tokens import TokenTexts
+
+if TYPE_CHECKING:
+    from .serving import Job
+
+_FLOOR = -9999.0  # what OpenAI-compatible servers send for a -inf logprob (JSON has no infinity)
+
+
+def num(x: float | None) -> float | None:
+    """A JSON-safe float: NaN -> null, +-inf -> +-9999."""
+    if x is None or math.isnan(x):
+        return None
+    if math.isinf(x):
+        return _FLOOR if x < 0 else -_FLOOR
+    return float(x)
+
+
+class Accumulator:
+    """What a request produced so far: token events per choice (when needed) and RequestDones."""
+
+    def __init__(self, n: int, keep_events: bool):
+        self.n = n
+        self.keep_events = keep_events
+        self.events: dict[int, list[TokenEvent]] = defaultdict(list)
+        self.dones: dict[int, RequestDone] = {}
+
+    def choice(self, i: int, seq_index: int) -> int:
+        return i * self.n + seq_index
+
+    def add(self, i: int, ev: TokenEvent | RequestDone) -> None:
+        if isinstance(ev, RequestDone):
+            self.dones[i] = ev
+        elif self.keep_events:
+            self.events[self.choice(i, ev.index)].append(ev)
+
+    def usage(self) -> Usage:
+        p = sum(d.prompt_tokens for d in self.dones.values())
+        c = sum(d.completion_tokens for d in self.dones.values())
+        return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+
+    def choice_count(self) -> int:
+        return sum(len(d.sequences) for d in self.dones.values())
+
+
+# ------------------------------------------------------------------------------------ extension
+
+
+def _signals(events: list[TokenEvent], texts: TokenTexts) -> list[TokenSignal]:
+    return [
+        TokenSignal(token=texts.text(e.token_id), token_id=e.token_id,
+                    policy_logprobs={k: num(v) for k, v in e.policy_logprobs.items()} if e.policy_logprobs else None,
+                    implicit_reward=num(e.implicit_reward), kl=num(e.kl))
+        for e in events
+    ]
+
+
+def choice_extensions(job: "Job", acc: Accumulator, texts: TokenTexts) -> dict[int, ChoiceExtension]:
+    signals = job.requests[0].return_token_signals
+    out = {}
+    for i, done in acc.dones.items():
+        for s in done.sequences:
+            idx = acc.choice(i, s.index)
+            out[idx] = ChoiceExtension(
+                kl_to_reference=num(s.kl_to_reference), implicit_reward=num(s.implicit_reward),
+                token_signals=_signals(acc.events[idx], texts) if signals else None)
+    return out
+
+
+def extension(job: "Job", acc: Accumulator, per_choice: dict[int, ChoiceExtension]) -> PolicymixExtension:
+    """The response's ``policymix`` object: what ran, best-of candidates, and choice 0's signals."""
+    first = acc.dones[min(acc.dones)]
+    candidates = None
+    if any(d.candidates for d in acc.dones.values()):
+        candidates = [
+            CandidateOut(text=c.text, token_ids=list(c.token_ids), score=num(c.score) or 0.0,
+                         finish_reason=c.finish_reason, prompt_index=i)
+            for i, d in sorted(acc.dones.items()) for c in (d.candidates or [])
+        ]
+    head = per_choice.get(0, ChoiceExtension())
+    return PolicymixExtension(
+        weights=dict(first.weights or job.recipe.weights), mixture=job.recipe.mixture_name,
+        candidates=candidates, kl_bound=num(first.kl_bound), kl_to_reference=head.kl_to_reference,
+        implicit_reward=head.implicit_reward, token_signals=head.token_signals,
+    )
+
+
+# ------------------------------------------------------------------------------------- logprobs
+
+
+def _logprobs_k(job: "Job") -> int | None:
+    return job.requests[0].sampling.logprobs
+
+
+def completion_logprobs(events: list[TokenEvent], texts: TokenTexts, k: int, offset: int = 0) -> CompletionLogprobs:
+    """tokens / token_logprobs / top_logprobs (the top k plus the chosen token) / text_offset."""
+    tokens, lps, tops, offsets = [], [], [], []
+    for e in events:
+        t = texts.text(e.token_id)
+        top = {texts.text(tid): num(lp) for tid, lp in (e.top_logprobs or [])[:k]}
+        top.setdefault(t, num(e.logprob))
+        tokens.append(t)
+        lps.append(num(e.logprob))
+        tops.append(top)
+        offsets.append(offset)
+        offset += len(t)
+    return CompletionLogprobs(tokens=tokens, token_logprobs=lps, top_logprobs=tops, text_offset=offsets)
+
+
+def _top(texts: TokenTexts, token_id: int, logprob: float | None) -> TopLogprob:
+    s, b = texts(token_id)
+    return TopLogprob(token=s, logprob=num(logprob) if logprob is not None else _FLOOR, bytes=list(b))
+
+
+def chat_logprobs(events: list[TokenEvent], texts: TokenTexts, k: int) -> ChatLogprobs:
+    content = []
+    for e in events:
+        head = _top(texts, e.token_id, e.logprob)
+        tops = [_top(texts, tid, lp) for tid, lp in (e.top_logprobs or [])[:k]]
+        content.append(TokenLogprob(token=head.token, logprob=head.logprob, bytes=head.bytes, top_logprobs=tops))
+    return ChatLogprobs(content=content)
+
+
+# ----------------------------------------------------------------------------------- the shapes
+
+
+class Shape(Protocol):
+    def response(self, job: "Job", acc: Accumulator, texts: TokenTexts) -> Any: ...
+
+    def stream_writer(self, job: "Job", acc: Accumulator, texts: TokenTexts) -> "StreamWriter": ...
+
+
+class StreamWriter:
+    """Turns events into chunks: ``start()``, ``event(i, ev)`` per event, ``finish()``."""
+
+    def __init__(self, job: "Job", acc: Accumulator, texts: TokenTexts):
+        self.job, self.acc, self.texts = job, acc, texts
+        self.k = _logprobs_k(job)
+        self.left = len(job.requests)
+        self.total = len(job.requests) * job.n
+        self.extra = {"usage": None} if job.include_usage else {}
+
+    def start(self) -> Iterator[Any]:
+        return iter(())
+
+    def event(self, i: int, ev: TokenEvent | RequestDone) -> Iterator[Any]:
+        self.acc.add(i, ev)
+        if isinstance(ev, TokenEvent):
+            yield from self.token(self.acc.choice(i, ev.index), ev)
+            return
+        self.left -= 1
+        per = choice_extensions(self.job, self.acc, self.texts)
+        seqs = sorted(ev.sequences, key=lambda s: s.index)
+        for n, s in enumerate(seqs):
+            idx = self.acc.choice(i, s.index)
+            ext = per.get(idx) if self.total > 1 else None
+            top = extension(self.job, self.acc, per) if self.left == 0 and n == len(seqs) - 1 else None
+            yield self.final(idx, s, ext, top)
+
+    def finish(self) -> Iterator[Any]:
+        if self.job.include_usage:
+            yield self.chunk([], usage=self.acc.usage())
+
+    def chunk(self, choices: list, **fields: Any) -> Any:
+        raise NotImplementedError
+
+    def token(self, idx: int, ev: TokenEvent) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def final(self, idx: int, seq: Any, ext: ChoiceExtension | None, top: PolicymixExtension | None) -> Any:
+        raise NotImplementedError
+
+
+class _CompletionStream(StreamWriter):
+    def __init__(self, job: "Job", acc: Accumulator, texts: TokenTexts):
+        super().__init__(job, acc, texts)
+        self.offsets: dict[int, int] = defaultdict(int)
+
+    def chunk(self, choices: list, **fields: Any) -> CompletionChunk:
+        fields = {**self.extra, **fields}
+        return CompletionChunk(id=self.job.response_id, object="text_completion", created=self.job.created,
+                               model=self.job.model, choices=choices, **fields)
+
+    def start(self) -> Iterator[Any]:
+        for i, text in enumerate(self.job.echo or []):
+            for j in range(self.job.n):
+                yield self.chunk([CompletionChoice(index=i * self.job.n + j, text=text, logprobs=None,
+                                                   finish_reason=None)])
+
+    def token(self, idx: int, ev: TokenEvent) -> Iterator[Any]:
+        lp = None
+        if self.k is not None:
+            lp = completion_logprobs([ev], self.texts, self.k, self.offsets[idx])
+            self.offsets[idx] += len(lp.tokens[0])
+        if ev.text or lp is not None:
+            yield self.chunk([CompletionChoice(index=idx, text=ev.text, logprobs=lp, finish_reason=None)])
+
+    def final(self, idx, seq, ext, top) -> CompletionChunk:
+        choice = CompletionChoice(index=idx, text="", logprobs=None, finish_reason=seq.finish_reason,
+                                  stop_reason=seq.stop_reason)
+        if ext is not None:
+            choice.policymix = ext
+        return self.chunk([choice], **({"policymix": top} if top is not None else {}))
+
+
+class _ChatStream(StreamWriter):
+    def chunk(self, choices: list, **fields: Any) -> ChatCompletionChunk:
+        fields = {**self.extra, **fields}
+        return ChatCompletionChunk(id=self.job.response_id, object="chat.completion.chunk",
+                                   created=self.job.created, model=self.job.model, choices=choices, **fields)
+
+    def start(self) -> Iterator[Any]:
+        for idx in range(self.total):  # the first delta of every choice carries the role
+            yield self.chunk([ChatStreamChoice(index=idx, delta=DeltaMessage(role="assistant", content=""),
+                                               logprobs=None, finish_reason=None)])
+
+    def token(self, idx: int, ev: TokenEvent) -> Iterator[Any]:
+        lp = chat_logprobs([ev], self.texts, self.k) if self.k is not None else None
+        if ev.text or lp is not None:
+            yield self.chunk([ChatStreamChoice(index=idx, delta=DeltaMessage(content=ev.text), logprobs=lp,
+                                               finish_reason=None)])
+
+    def final(self, idx, seq, ext, top) -> ChatCompletionChunk:
+        choice = ChatStreamChoice(index=idx, delta=DeltaMessage(), logprobs=None, finish_reason=seq.finish_reason)
+        if ext is not None:
+            choice.policymix = ext
+        return self.chunk([choice], **({"policymix": top} if top is not None else {}))
+
+
+def _choices(acc: Accumulator):
+    for i, done in sorted(acc.dones.items()):
+        for s in sorted(done.sequences, key=lambda s: s.index):
+            yield i, acc.choice(i, s.index), s
+
+
+class _Completion:
+    def response(self, job: "Job", acc: Accumulator, texts: TokenTexts) -> CompletionResponse:
+        k = _logprobs_k(job)
+        per = choice_extensions(job, acc, texts)
+        many = acc.choice_count() > 1
+        choices = [
+            CompletionChoice(
+                index=idx, text=(job.echo[i] if job.echo else "") + s.text,
+                logprobs=completion_logprobs(acc.events[idx], texts, k) if k is not None else None,
+                finish_reason=s.finish_reason, stop_reason=s.stop_reason, policymix=per[idx] if many else None)
+            for i, idx, s in _choices(acc)
+        ]
+        return CompletionResponse(id=job.response_id, created=job.created, model=job.model, choices=choices,
+                                  usage=acc.usage(), policymix=extension(job, acc, per))
+
+    def stream_writer(self, job: "Job", acc: Accumulator, texts: TokenTexts) -> StreamWriter:
+        return _CompletionStream(job, acc, texts)
+
+
+class _Chat:
+    def response(self, job: "Job", acc: Accumulator, texts: TokenTexts) -> ChatCompletionResponse:
+        k = _logprobs_k(job)
+        per = choice_extensions(job, acc, texts)
+        many = acc.choice_count() > 1
+        choices = [
+            ChatChoice(
+                index=idx, message=AssistantMessage(content=s.text),
+                logprobs=chat_logprobs(acc.events[idx], texts, k) if k is not None else None,
+                finish_reason=s.finish_reason, stop_reason=s.stop_reason, policymix=per[idx] if many else None)
+            for _, idx, s in _choices(acc)
+        ]
+        return ChatCompletionResponse(id=job.response_id, created=job.created, model=job.model, choices=choices,
+                                      usage=acc.usage(), policymix=extension(job, acc, per))
+
+    def stream_writer(self, job: "Job", acc: Accumulator, texts: TokenTexts) -> StreamWriter:
+        return _ChatStream(job, acc, texts)
+
+
+COMPLETION = _Completion()
+CHAT = _Chat()
