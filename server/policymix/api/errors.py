@@ -59,11 +59,15 @@ def error_response(exc: BaseException) -> JSONResponse:
 _TAG = re.compile(r"^(str|int|float|bool|list|dict|none|null)$|[\[\]\-]")
 
 
+def _clean_loc(error: dict) -> list:
+    loc = [p for p in error.get("loc", ()) if not (isinstance(p, str) and _TAG.search(p))]
+    return loc[1:] if loc and loc[0] == "body" else loc
+
+
 def _validation_error(errors: list[dict]) -> ApiError:
-    first = errors[0]
-    loc = [p for p in first.get("loc", ()) if not (isinstance(p, str) and _TAG.search(p))]
-    if loc and loc[0] == "body":
-        loc = loc[1:]
+    # Of a union's per-member errors, the deepest names the field the client most likely meant.
+    first = max(errors, key=lambda e: len(_clean_loc(e)))
+    loc = _clean_loc(first)
     if first.get("type") == "json_invalid":
         return ApiError(400, f"the request body is not valid JSON: {first.get('msg', '')}")
     param = ".".join(str(p) for p in loc) or None
