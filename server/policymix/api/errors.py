@@ -55,8 +55,9 @@ def error_response(exc: BaseException) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-# Pydantic adds union-member tags ("str", "list[int]", "function-after[...]") to error locations.
-_TAG = re.compile(r"^(str|int|float|bool|list|dict|none|null)$|[\[\]\-]")
+# Pydantic adds union-member tags ("str", "list[int]", "function-after[...]", a model's class name)
+# to error locations; request fields are lower-case identifiers.
+_TAG = re.compile(r"^(str|int|float|bool|list|dict|none|null)$|^[A-Z]|[\[\]\-]")
 
 
 def _clean_loc(error: dict) -> list:

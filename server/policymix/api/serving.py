@@ -32,7 +32,8 @@ from ..engine.protocol import (
     TokenEvent,
 )
 from ..errors import Overloaded, PolicymixError
-from ..mixing.recipes import CompiledRecipe
+from ..mixing.guard import check_recipe
+from ..mixing.recipes import CompiledRecipe, PolicyInfo
 from . import shapes
 from .auth import ApiKey
 from .errors import ApiError, error_payload
@@ -78,6 +79,9 @@ class Serving:
         self.metrics = metrics
         self.token_texts = TokenTextCache()
         self._cards: list[ModelCard] | None = None
+        # what the mixing guard needs to know of each policy (protected, floor) comes from the config
+        self.guarded = {name: PolicyInfo(name, p.kind, -1, p.reference, p.beta, p.protected, p.floor)
+                        for name, p in config.policies.items()}
 
     def cards(self) -> list[ModelCard]:
         """The engine's models (fixed once it is loaded, so asked once)."""
@@ -157,6 +161,9 @@ class Serving:
         recipe = self.engine.compile(body.model, body.mixture)
         if key is not None:
             key.authorize(body.model, body.mixture, recipe, body.rerank)
+        check_recipe(recipe, self.guarded, self.config.server.guard,
+                     allow_inversion=key is not None and key.spec.allow_inversion,
+                     who=key.name if key is not None else "anonymous")
         sampling = self._sampling(body, max_tokens, logprobs)
         if key is not None:
             key.check_limits(max_tokens, max(sampling.n, sampling.best_of or 1))

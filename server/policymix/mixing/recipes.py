@@ -44,6 +44,7 @@ class CompiledRecipe:
     mixture_name: str | None = None
     reference: str | None = None  # MOD / DeRa: the reference the recipe is relative to
     tuned: str | None = None  # DeRa: the tuned policy; MOD: the first objective
+    betas: tuple[float, ...] = ()  # beta / beta_prime values the recipe used (guard bounds)
 
     @property
     def active(self) -> dict[str, float]:
@@ -206,4 +207,5 @@ def compile_recipe(
         )
     if all(v == 0.0 for v in weights.values()):
         raise RecipeError("all mixture weights are zero", param="mixture")
-    return CompiledRecipe(weights, families.pop(), form, mixture_name, reference, tuned)
+    betas = tuple(float(b) for b in (recipe.beta, recipe.beta_prime) if b is not None)
+    return CompiledRecipe(weights, families.pop(), form, mixture_name, reference, tuned, betas)
