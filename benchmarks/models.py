@@ -182,3 +182,23 @@ def write_policymix_config(models: BenchModels, path: str | Path) -> Path:
     path = Path(path)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.models [--config-out FILE]``: build the set, print paths, write a config."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.models", description=main.__doc__)
+    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR))
+    p.add_argument("--config-out", help="write a policymix config serving the three policies here")
+    args = p.parse_args(argv)
+    models = build_bench_models(args.cache_dir)
+    for name, path in models.paths.items():
+        print(f"{name}: {path}")
+    if args.config_out:
+        print(f"config: {write_policymix_config(models, args.config_out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -30,6 +30,8 @@ def machine_info() -> dict:
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
     }
+    if hasattr(os, "getloadavg"):  # the VM is shared: how busy it was when the numbers were taken
+        info["load_avg_1m"] = round(os.getloadavg()[0], 2)
     for mod in ("torch", "transformers"):
         try:
             info[mod] = __import__(mod).__version__

@@ -156,12 +156,20 @@ def write_serve_results(result: dict, stem: str | Path, command: str = "") -> tu
     return write_report(stem, "Serving benchmark", meta, summary_table(result["summary"]), result)
 
 
+def _json_or_name(text: str) -> dict | str:
+    """'{"weights": ...}' -> a recipe dict; a bare word (or a JSON string) -> a named mixture."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[ServeConfig, argparse.Namespace]:
     p = argparse.ArgumentParser(prog="python -m benchmarks.serve", description=__doc__.splitlines()[0])
     p.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8000")
     p.add_argument("--endpoint", default="/v1/completions")
     p.add_argument("--model", required=True)
-    p.add_argument("--mixture", type=json.loads, default=None, help="JSON recipe, or a quoted mixture name")
+    p.add_argument("--mixture", type=_json_or_name, default=None, help="a JSON recipe, or a named mixture")
     p.add_argument("--dataset", choices=["random", "jsonl"], default="random")
     p.add_argument("--dataset-path")
     p.add_argument("--num-prompts", type=int, default=100)

@@ -20,7 +20,7 @@ def engine():
 
 @pytest.fixture()
 def client(engine):
-    with TestClient(build_app(engine, fake_config(max_best_of=8), env={}), raise_server_exceptions=False) as c:
+    with TestClient(build_app(engine, fake_config(), env={}), raise_server_exceptions=False) as c:
         yield c
 
 
@@ -125,10 +125,6 @@ def test_chat_without_template_is_a_clear_400(client):
 
 
 @pytest.mark.parametrize("extra, param", [
-    ({"best_of": 2, "temperature": 0}, "best_of"),
-    ({"best_of": 2, "n": 3}, "best_of"),
-    ({"best_of": 9, "temperature": 1}, "best_of"),
-    ({"n": 9}, "n"),
     ({"logit_bias": {"x": 1}}, "logit_bias"),
     ({"logit_bias": {"100000": 1}}, "logit_bias"),
     ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),

@@ -222,7 +222,7 @@ def test_serve_cli_writes_json_and_markdown(sse_server, tmp_path):
     assert [r.output_len for r in jsonl_requests(data, 4)] == [3, 4]
     rc = serve_main(["--base-url", url, "--model", "base", "--dataset", "jsonl", "--dataset-path", str(data),
                      "--output-len", "4", "--result-dir", str(tmp_path), "--result-name", "run",
-                     "--mixture", '"dera"'])
+                     "--mixture", "dera"])
     assert rc == 0
     saved = json.loads((tmp_path / "run.json").read_text())
     assert saved["summary"]["total_output_tokens"] == 7 and saved["config"]["mixture"] == "dera"

@@ -30,7 +30,7 @@ def proxy_tuning_generate(base, tuned, untuned, input_ids, attention_mask, max_n
     caches = [None, None, None]
     ids, mask = input_ids, attention_mask  # ids: [B, P] left-padded; mask: [B, P]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, P]: pads share position 0, masked anyway
-    unfinished = torch.ones(ids.shape[0], dtype=torch.bool)  # [B]
+    unfinished = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)  # [B]
     steps = []
     with torch.inference_mode():
         for _ in range(max_new_tokens):

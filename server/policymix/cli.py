@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 import textwrap
 from typing import Any, Sequence
@@ -46,7 +47,7 @@ def _weights(value: str) -> list[float]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="policymix", description="Serve mixtures of language-model policies behind the OpenAI API.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{serve,demo}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{serve,demo,sweep}")
 
     s = sub.add_parser("serve", help="serve the OpenAI-compatible API",
                        description="Serve the policies of a config file (default: the embedded SmolLM2 styles).")
@@ -64,14 +65,24 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--config", help="YAML config (default: the embedded SmolLM2-135M-Instruct styles)")
     d.add_argument("--pair", nargs=2, metavar=("A", "B"), help="the two policies (default: the first two "
                    "prompted policies of the config)")
-    d.add_argument("--weights", type=_weights, default=[0.0, 0.25, 0.5, 0.75, 1.0], help="e.g. 0,0.5,1")
+    d.add_argument("--weights", type=_weights, default=[0.0, 0.5, 1.0, 1.5, 2.0],
+                   help="comma-separated, e.g. 0,0.5,1 (w > 1 extrapolates: B's difference from A amplified)")
     d.add_argument("--prompt", default="Tell me about the weather today.")
     d.add_argument("--max-tokens", type=int, default=48)
     d.set_defaults(func=demo)
+
+    # listed here for --help; main() hands its arguments to policymix.sweep unparsed
+    sub.add_parser("sweep", add_help=False, help="reward and KL-to-reference over mixture weights "
+                   "(policymix sweep --help)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sweep"]:
+        from .sweep import main as sweep_main
+
+        return sweep_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
@@ -111,6 +122,10 @@ def make_engine(kind: str, config) -> Any:
         raise CliError(f"could not load the policies: {err}") from None
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -137,7 +152,14 @@ def serve(args: argparse.Namespace) -> int:
         engine.on_fatal = on_fatal
     print(f"policymix: serving {len(config.policies)} policies and {len(config.mixtures)} mixtures on "
           f"http://{args.host}:{args.port}", flush=True)
-    server.run()
+    # uvicorn drains requests on SIGINT/SIGTERM, then re-raises the signal: end quietly with 0 then
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if fatal:
         print(f"policymix: the engine stopped: {fatal[0]}", file=sys.stderr)
         return EXIT_ENGINE_DIED
@@ -196,7 +218,8 @@ def demo(args: argparse.Namespace) -> int:
         outputs = asyncio.run(_demo_outputs(engine, a, b, args.weights, args.prompt, args.max_tokens))
     except PolicymixError as err:
         raise CliError(err.message) from None
-    print(f"\nprompt: {args.prompt}\nmixture: (1 - w) * {a} + w * {b}   (greedy, {args.max_tokens} tokens)\n")
+    print(f"\nprompt: {args.prompt}\nmixture: (1 - w) * {a} + w * {b}   (greedy, {args.max_tokens} tokens; "
+          f"w > 1 pushes past {b}, away from {a})\n")
     for w, text in zip(args.weights, outputs):
         label = f"w={w:<5g}"
         body = textwrap.fill(" ".join(text.split()) or "(empty)", width=88, initial_indent=label + " | ",

@@ -105,14 +105,14 @@ def _check_prompt(v: Any) -> Any:
 
 
 class CompletionRequest(_Common):
-    prompt: Any
+    prompt: Union[str, list[str], list[int], list[list[int]]]
     max_tokens: int | None = Field(default=16, ge=1)
     echo: bool | None = False
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")
     @classmethod
-    def _prompt(cls, v: Any) -> Any:
+    def _prompt(cls, v: Any) -> Any:  # before the union, so that a bad prompt gets one clear message
         return _check_prompt(v)
 
     def prompts(self) -> list[str | list[int]]:

@@ -203,25 +203,13 @@ class Serving:
         return min(lens) if lens else 2048
 
     def _sampling(self, body: _Common, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        n = body.n or 1
-        best_of = body.best_of
-        temperature = 1.0 if body.temperature is None else body.temperature
-        if best_of is not None and best_of < n:
-            raise ApiError(400, f"best_of ({best_of}) must be >= n ({n})", param="best_of")
-        if (best_of or 1) > 1 and temperature == 0:
-            raise ApiError(400, "best_of > 1 needs temperature > 0: greedy candidates would be identical",
-                           param="best_of")
-        width = max(n, best_of or 1)
-        limit = self.config.server.max_best_of
-        if width > limit:
-            raise ApiError(400, f"{'best_of' if best_of else 'n'} {width} exceeds this server's maximum of {limit}",
-                           param="best_of" if best_of else "n")
+        # best_of against n, temperature and the server's maximum is checked by the engine
         if body.min_tokens and max_tokens is not None and body.min_tokens > max_tokens:
             raise ApiError(400, f"min_tokens ({body.min_tokens}) must be <= max_tokens ({max_tokens})",
                            param="min_tokens")
         return SamplingParams(
             max_tokens=max_tokens or 16,
-            temperature=temperature,
+            temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
             top_k=-1 if body.top_k is None else body.top_k,
             min_p=body.min_p or 0.0,
@@ -237,8 +225,8 @@ class Serving:
             repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
             logit_bias=self._logit_bias(body),
             skip_special_tokens=body.skip_special_tokens is not False,
-            n=n,
-            best_of=best_of,
+            n=body.n or 1,
+            best_of=body.best_of,
         )
 
     def _logit_bias(self, body: _Common) -> dict[int, float]:

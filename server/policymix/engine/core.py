@@ -24,6 +24,10 @@ from .sequence import RequestState, Sequence, Status
 log = logging.getLogger("policymix.engine")
 
 
+def _has_penalties(sp) -> bool:
+    return bool(sp.logit_bias or sp.presence_penalty or sp.frequency_penalty or sp.repetition_penalty != 1.0)
+
+
 class EngineCore:
     def __init__(self, registry: Registry):
         self.registry = registry
@@ -281,25 +285,32 @@ class EngineCore:
         self.timers["mix"] += time.perf_counter() - t
 
         t = time.perf_counter()
-        bad = ~torch.isfinite(lse)
-        tokens: list[int | None] = []
-        for seq in seqs:
+        bad = (~torch.isfinite(lse)).tolist()  # one host sync, not one per row
+        tokens: list[int | None] = [None] * len(seqs)
+        plain = []  # greedy rows with nothing to apply: one batched argmax
+        for i, seq in enumerate(seqs):
             if bad[seq.row]:
-                tokens.append(None)
                 continue
             sp = seq.request.req.sampling
             blocked = []
             if len(seq.output_ids) < sp.min_tokens:
                 blocked = sorted(seq.request.eos_ids | set(sp.stop_token_ids))
+            if sp.temperature == 0.0 and not blocked and not _has_penalties(sp):
+                plain.append(i)
+                continue
             s = apply_penalties(mixed[seq.row], sp, seq.request.prompts[next(iter(seq.request.prompts))],
                                 seq.output_ids, blocked)
-            tokens.append(sample_token(s, sp, seq.generator))
+            tokens[i] = sample_token(s, sp, seq.generator)
+        if plain:
+            rows = torch.tensor([seqs[i].row for i in plain], device=device)
+            for i, tok in zip(plain, mixed[rows].argmax(-1).tolist()):
+                tokens[i] = tok
         self.timers["sample"] += time.perf_counter() - t
 
         t = time.perf_counter()
         ok = [(seq, tok) for seq, tok in zip(seqs, tokens) if tok is not None]
         for seq, tok in zip(seqs, tokens):
-            if tok is None and not seq.request.status == Status.FINISHED:
+            if tok is None and seq.request.status != Status.FINISHED:
                 self._fail(seq.request, "the mixed distribution is not finite (NaN or infinite log-probabilities)",
                            code="nan")
         ok = [(seq, tok) for seq, tok in ok if seq.request.status != Status.FINISHED]

@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .pairs import PairsError, load_pairs
@@ -74,17 +75,25 @@ def _check_args(args: argparse.Namespace) -> str | None:
     return None
 
 
-def train(args: argparse.Namespace, records: list[dict]) -> dict:
-    """Run DPO; returns the metadata written to ``policymix.json``."""
+@dataclass
+class Run:
+    """A trainer ready to train, with what ``policymix.json`` needs to know about it."""
+
+    trainer: object  # EntangledDPOTrainer (imported lazily: the lab extra is optional)
+    out: Path
+    base: Path | str
+    chat: bool
+    lr: float
+
+
+def build_trainer(args: argparse.Namespace, records: list[dict]) -> Run:
+    """Load the base, wrap the pairs for TRL and build the trainer (LoRA unless ``--no-lora``)."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import DPOConfig
 
     from .base import resolve_base
-    from .entanglement import summarize
-    from .plots import plot_entanglement
     from .trainer import EntangledDPOTrainer
 
     if args.threads:
@@ -115,13 +124,24 @@ def train(args: argparse.Namespace, records: list[dict]) -> dict:
         max_grad_norm=args.max_grad_norm, seed=args.seed, data_seed=args.seed,
         logging_steps=args.log_steps, save_strategy="steps", save_steps=args.save_steps, save_total_limit=1,
         report_to="none", bf16=False, fp16=False, gradient_checkpointing=False, disable_dropout=True,
-        dataloader_num_workers=0,
+        dataloader_num_workers=0, dataloader_pin_memory=False,
     )
     trainer = EntangledDPOTrainer(
         model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
         normalized_gradient=args.normalized_gradient, diag_every=args.diag_every,
         diag_csv=str(out / "entanglement.csv"),
     )
+    return Run(trainer=trainer, out=out, base=base, chat=chat, lr=lr)
+
+
+def run(r: Run, args: argparse.Namespace, records: list[dict]) -> dict:
+    """Train (resuming if asked), save the policy and its diagnostics; returns ``policymix.json``'s content."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from .entanglement import summarize
+    from .plots import plot_entanglement
+
+    trainer, out = r.trainer, r.out
     checkpoint = get_last_checkpoint(str(out)) if args.resume else None
     if args.resume and checkpoint is None:
         print(f"no checkpoint in {out}; starting from the base", file=sys.stderr)
@@ -131,25 +151,25 @@ def train(args: argparse.Namespace, records: list[dict]) -> dict:
     trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - started
     trainer.save_model(str(out))
-    tokenizer.save_pretrained(str(out))
+    trainer.processing_class.save_pretrained(str(out))
 
     summary = summarize(trainer.diag_log.read()) if trainer.diag_log is not None else {}
     if summary.get("pairs"):
         plot_entanglement(out / "entanglement.csv", out / "entanglement.png",
-                          title=f"{out.name}: beta={args.beta}, normalized={args.normalized_gradient}")
+                          title=f"{out.name}: beta={args.beta}, normalized gradient={args.normalized_gradient}")
         (out / "entanglement_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     meta = {
         "beta": args.beta,
-        "reference": str(base),  # the model the policy was tuned from (and the adapter's base)
+        "reference": str(r.base),  # the model the policy was tuned from (and the adapter's base)
         "reference_spec": args.base,
         "adapter": bool(args.lora),
         "loss": "dpo-sigmoid",
         "normalized_gradient": bool(args.normalized_gradient),
-        "format": "chat" if chat else "plain",
+        "format": "chat" if r.chat else "plain",
         "pairs": str(Path(args.pairs).resolve()),
         "num_pairs": len(records),
         "steps": trainer.state.global_step,
-        "learning_rate": lr,
+        "learning_rate": r.lr,
         "train_seconds": round(seconds, 1),
         "entanglement": summary,
     }
@@ -169,7 +189,7 @@ def main(argv: list[str]) -> int:
     except PairsError as err:
         print(f"policymix train dpo: error: {err.message}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    meta = train(args, records)
+    meta = run(build_trainer(args, records), args, records)
     ent = meta["entanglement"]
     line = f"saved {args.out}: {meta['steps']} steps in {meta['train_seconds']} s, beta={meta['beta']}"
     if ent.get("pairs"):

@@ -30,11 +30,11 @@ def plot_entanglement(csv_path: str | Path, png_path: str | Path, title: str = "
     fig, ax = plt.subplots(2, 2, figsize=(11, 8))
     for key, label, color in (("meas_dw", "chosen  log pi(y_w)", "tab:green"),
                               ("meas_dl", "rejected log pi(y_l)", "tab:red")):
-        total, ys = 0.0, []
+        total, ys = 0.0, [0.0]  # starts at 0 before the first logged step
         for s in steps:
             total += mean(s, key)
             ys.append(total)
-        ax[0, 0].plot(steps, ys, label=label, color=color)
+        ax[0, 0].plot([steps[0] - 1, *steps] if steps else [0], ys, label=label, color=color, marker=".")
     ax[0, 0].axhline(0, color="grey", lw=0.5)
     ax[0, 0].set(title="cumulative mean measured change (logged pairs)", xlabel="step", ylabel="sum of d log pi")
     ax[0, 0].legend()

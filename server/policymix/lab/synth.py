@@ -47,7 +47,10 @@ _STYLE_SYSTEM = {
 }
 _FRIENDLY_WORDS = re.compile(
     r"\b(hi|hello|hey|glad|happy|great|wonderful|awesome|fantastic|love|enjoy|hope|friend|welcome|delighted|"
-    r"thanks|thank you|cheers|pleasure|amazing)\b", re.IGNORECASE)
+    r"thanks|thank you|cheers|pleasure|amazing|delightful|wonder|fun|dear|cheerful|excited|joy|smile)\b",
+    re.IGNORECASE)
+# Per rule: (candidates per prompt, token budget). Friendly answers pass the rule less often: more samples.
+_SAMPLING = {"concise": (4, 64), "friendly": (6, 80)}
 
 
 def words(text: str) -> int:
@@ -128,7 +131,7 @@ def sample_candidates(model, tok, prompts: list[str], system: str | None, sample
 
 
 def generate_set(rule: str, n_prompts: int, samples: int, max_new_tokens: int, seed: int,
-                 temperature: float = 0.9, batch_prompts: int = 8, base: str = "embedded",
+                 temperature: float = 0.9, batch_prompts: int = 16, base: str = "embedded",
                  progress=print) -> list[dict]:
     """Pairs for ``rule``: half the samples under the plain prompt, half under the style system prompt."""
     import torch
@@ -162,8 +165,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--rule", required=True, choices=sorted(RULES))
     p.add_argument("--out", required=True)
     p.add_argument("--prompts", type=int, default=len(_TOPICS) * len(_TEMPLATES))
-    p.add_argument("--samples", type=int, default=4, help="candidates per prompt (half under the style prompt)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--samples", type=int, default=None, help="candidates per prompt, half under the style prompt "
+                   "(default: 4 concise, 6 friendly)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 64 concise, 80 friendly")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base", default="embedded")
     p.add_argument("--threads", type=int, default=None)
@@ -173,7 +177,9 @@ def main(argv: list[str]) -> int:
 
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    records = generate_set(args.rule, args.prompts, args.samples, args.max_new_tokens, args.seed, base=args.base,
+    samples, max_new = _SAMPLING[args.rule]
+    records = generate_set(args.rule, args.prompts, args.samples or samples, args.max_new_tokens or max_new,
+                           args.seed, base=args.base,
                            progress=lambda msg: print(msg, file=sys.stderr))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_pairs(args.out, records)
