@@ -50,6 +50,9 @@ def test_completion_and_chat(sdk, server):
                         headers={"Authorization": "Bearer user-key"}).json()["tokens"]
     assert c.usage.prompt_tokens == len(tokens)
     assert c.model_extra["policymix"]["weights"] == {"base": 1.0}
+    both = sdk.completions.create(model="base", prompt=[tokens, [0, 5, 6]], max_tokens=3, n=2, seed=1)
+    assert sorted(ch.index for ch in both.choices) == [0, 1, 2, 3] and both.usage.completion_tokens == 12
+    assert both.usage.prompt_tokens == len(tokens) + 3
     chat = sdk.chat.completions.create(model="dpo-soft", messages=CHAT, max_tokens=5, temperature=0)
     assert chat.choices[0].message.role == "assistant" and isinstance(chat.choices[0].message.content, str)
     assert chat.model == "dpo-soft"
@@ -210,3 +213,12 @@ def test_disconnect_frees_the_engine(server, engine):
     stats = engine.stats()
     assert stats["running"] == 0 and stats["waiting"] == 0
     assert all(v == 0 for v in engine.core.reserved.values())
+
+
+def test_logprob_tokens_come_from_the_recipes_tokenizer(sdk):
+    # `model` names base, but the inline mixture runs `other`, which has its own tokenizer
+    chat = sdk.chat.completions.create(model="base", messages=CHAT, max_tokens=8, temperature=0, logprobs=True,
+                                       extra_body={"mixture": {"weights": {"other": 1.0}}})
+    content = chat.choices[0].logprobs.content
+    joined = b"".join(bytes(t.bytes) for t in content).decode("utf-8", errors="replace")
+    assert chat.choices[0].message.content and joined.startswith(chat.choices[0].message.content)

@@ -67,6 +67,7 @@ class Job:
     stream: bool
     include_usage: bool
     keep_events: bool  # logprobs or token signals need every TokenEvent
+    tokenizer: Any  # of the recipe's family (an inline mixture may differ from `model`'s)
     echo: list[str] | None = None  # completions with echo: each prompt's text
     key: ApiKey | None = None
     created: int = field(default_factory=lambda: int(time.time()))
@@ -142,8 +143,7 @@ class Serving:
                            param="echo")
         job = self._prepare(body, key, prompts, shapes.COMPLETION, body.max_tokens, body.logprobs, "cmpl")
         if body.echo:
-            tok = self.engine.tokenizer(body.model)
-            job.echo = [p.text if p.text is not None else tok.decode(p.token_ids) for p in prompts]
+            job.echo = [p.text if p.text is not None else job.tokenizer.decode(p.token_ids) for p in prompts]
         return await self._respond(job, http)
 
     async def chat(self, body: ChatCompletionRequest, key: ApiKey | None, http: Request) -> Response:
@@ -164,7 +164,8 @@ class Serving:
         check_recipe(recipe, self.guarded, self.config.server.guard,
                      allow_inversion=key is not None and key.spec.allow_inversion,
                      who=key.name if key is not None else "anonymous")
-        sampling = self._sampling(body, max_tokens, logprobs)
+        tokenizer = self.engine.tokenizer(next(iter(recipe.active)))
+        sampling = self._sampling(body, max_tokens, logprobs, len(tokenizer))
         if key is not None:
             key.check_limits(max_tokens, max(sampling.n, sampling.best_of or 1))
         response_id = f"{prefix}-{uuid.uuid4().hex}"
@@ -184,7 +185,8 @@ class Serving:
         stream = bool(body.stream)
         include_usage = bool(stream and body.stream_options and body.stream_options.include_usage)
         keep = logprobs is not None or bool(body.return_token_signals)
-        return Job(shape, response_id, body.model, recipe, requests, sampling.n, stream, include_usage, keep, key=key)
+        return Job(shape, response_id, body.model, recipe, requests, sampling.n, stream, include_usage, keep,
+                   tokenizer, key=key)
 
     def _fit_context(self, req: GenerationRequest, max_tokens: int | None, key: ApiKey | None) -> None:
         """Check the prompt against the context; an unset max_tokens (chat) takes what is left."""
@@ -202,7 +204,7 @@ class Serving:
                 if c.family == recipe.family and c.max_model_len is not None]
         return min(lens) if lens else 2048
 
-    def _sampling(self, body: _Common, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def _sampling(self, body: _Common, max_tokens: int | None, logprobs: int | None, vocab: int) -> SamplingParams:
         # best_of against n, temperature and the server's maximum is checked by the engine
         if body.min_tokens and max_tokens is not None and body.min_tokens > max_tokens:
             raise ApiError(400, f"min_tokens ({body.min_tokens}) must be <= max_tokens ({max_tokens})",
@@ -223,27 +225,11 @@ class Serving:
             presence_penalty=body.presence_penalty or 0.0,
             frequency_penalty=body.frequency_penalty or 0.0,
             repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
-            logit_bias=self._logit_bias(body),
+            logit_bias=_logit_bias(body.logit_bias, vocab),
             skip_special_tokens=body.skip_special_tokens is not False,
             n=body.n or 1,
             best_of=body.best_of,
         )
-
-    def _logit_bias(self, body: _Common) -> dict[int, float]:
-        if not body.logit_bias:
-            return {}
-        vocab = len(self.engine.tokenizer(body.model))
-        bias = {}
-        for k, v in body.logit_bias.items():
-            try:
-                tid = int(k)
-            except ValueError:
-                raise ApiError(400, f"logit_bias keys must be token ids, got {k!r}", param="logit_bias") from None
-            if not 0 <= tid < vocab:
-                raise ApiError(400, f"logit_bias token id {tid} is outside the vocabulary (0..{vocab - 1})",
-                               param="logit_bias")
-            bias[tid] = float(v)
-        return bias
 
     # ------------------------------------------------------------------------------- running
 
@@ -294,14 +280,14 @@ class Serving:
             acc.add(i, ev)
             if isinstance(ev, RequestDone) and ev.error:
                 raise _engine_failure(ev)
-        texts = self.token_texts(self.engine.tokenizer(job.model))
+        texts = self.token_texts(job.tokenizer)
         return job.shape.response(job, acc, texts).model_dump(mode="json")
 
     async def _sse(self, job: Job, first: tuple[int, Any], events: AsyncIterator,
                    trackers: list[RequestTracker]) -> AsyncIterator[str]:
         """``data: {json}\\n\\n`` per chunk, ``data: [DONE]\\n\\n`` at the end (errors as an error event)."""
         acc = shapes.Accumulator(job.n, job.keep_events)
-        writer = job.shape.stream_writer(job, acc, self.token_texts(self.engine.tokenizer(job.model)))
+        writer = job.shape.stream_writer(job, acc, self.token_texts(job.tokenizer))
         outcome = "aborted"  # unless the loop finishes: a disconnect cancels this generator
         try:
             for chunk in writer.start():
@@ -338,6 +324,20 @@ def _data(obj: Any) -> str:
     if isinstance(obj, BaseModel):
         return f"data: {obj.model_dump_json(exclude_unset=True)}\n\n"
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+def _logit_bias(raw: dict[str, float] | None, vocab: int) -> dict[int, float]:
+    bias = {}
+    for k, v in (raw or {}).items():
+        try:
+            tid = int(k)
+        except ValueError:
+            raise ApiError(400, f"logit_bias keys must be token ids, got {k!r}", param="logit_bias") from None
+        if not 0 <= tid < vocab:
+            raise ApiError(400, f"logit_bias token id {tid} is outside the vocabulary (0..{vocab - 1})",
+                           param="logit_bias")
+        bias[tid] = float(v)
+    return bias
 
 
 def _copy(s: SamplingParams) -> SamplingParams:
