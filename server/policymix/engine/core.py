@@ -159,7 +159,8 @@ class EngineCore:
             state = self.waiting[0]
             if state.req.deadline is not None and now > state.req.deadline:
                 self.waiting.popleft()
-                self._fail(state, "the request waited in the queue longer than its deadline", code="queue_timeout")
+                self._fail(state, "the request waited in the queue longer than its deadline", code="queue_timeout",
+                           status=503)
                 continue
             fits = all(self.reserved[p] + state.reserved_tokens(p) <= self.kv_budget[p] for p in state.prompts)
             if running_seqs + state.best_of > self.max_num_seqs or not fits:
@@ -204,12 +205,13 @@ class EngineCore:
                 self.reserved[p] -= state.reserved_tokens(p)
         state.status = Status.FINISHED
 
-    def _fail(self, state: RequestState, message: str, code: str = "engine_error") -> None:
+    def _fail(self, state: RequestState, message: str, code: str = "engine_error", status: int = 500) -> None:
         if state.status == Status.FINISHED:
             return
         self._release(state)
         state.emit(RequestDone(prompt_tokens=state.prompt_len, completion_tokens=0, sequences=[],
-                               weights=dict(state.req.recipe.weights), error=message))
+                               weights=dict(state.req.recipe.weights), error=message, error_status=status,
+                               error_code=code))
 
     # ----- one step ----------------------------------------------------------------------------
 

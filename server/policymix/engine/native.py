@@ -72,7 +72,9 @@ class NativeEngine(EngineClient):
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
         if self._dead or self._draining:
-            raise PolicymixError("the engine is not accepting requests", code="engine_unavailable")
+            from ..errors import Overloaded
+
+            raise Overloaded("the engine is not accepting requests (shutting down or stopped)", status=503)
         state = self.core.render(request)  # bad input raises here, before anything is queued
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -153,8 +155,8 @@ class NativeEngine(EngineClient):
                 try:
                     self.core.add(arg)
                 except PolicymixError as err:
-                    arg.emit(RequestDone(arg.prompt_len, 0, [], dict(arg.req.recipe.weights),
-                                         error=err.message))
+                    arg.emit(RequestDone(arg.prompt_len, 0, [], dict(arg.req.recipe.weights), error=err.message,
+                                         error_status=err.status, error_code=err.code))
             elif kind == "abort":
                 self.core.abort(arg)
             elif kind == "fail_all":

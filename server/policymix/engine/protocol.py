@@ -127,6 +127,8 @@ class RequestDone:
     candidates: list[Candidate] | None = None
     kl_bound: float | None = None
     error: str | None = None  # set when the request failed inside the engine
+    error_status: int = 500  # HTTP status for ``error`` (503/429: retry later; 400: bad input)
+    error_code: str | None = None
 
 
 EngineEvent = TokenEvent | RequestDone
