@@ -32,7 +32,7 @@ serve: install-serve
 	$(BIN)/policymix serve --host $(HOST) --port $(PORT)
 
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast:
 	$(BIN)/python -m pytest -x -q
