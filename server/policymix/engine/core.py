@@ -28,6 +28,20 @@ def _has_penalties(sp) -> bool:
     return bool(sp.logit_bias or sp.presence_penalty or sp.frequency_penalty or sp.repetition_penalty != 1.0)
 
 
+def is_oom(err: BaseException) -> bool:
+    """An allocation failure: CUDA's OutOfMemoryError, Python's MemoryError, or the CPU allocator's RuntimeError."""
+    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
+
+
+def _failure(err: BaseException, what: str) -> tuple[str, str, int]:
+    """(message, code, status) of an exception inside a step: out of memory is 503 (retry), the rest 500."""
+    if is_oom(err):
+        return f"out of memory {what}; retry later", "out_of_memory", 503
+    return f"{what} failed: {type(err).__name__}: {err}", "engine_error", 500
+
+
 class EngineCore:
     def __init__(self, registry: Registry):
         self.registry = registry
@@ -122,6 +136,7 @@ class EngineCore:
         return None
 
     def add(self, state: RequestState) -> None:
+        self._admit()  # what fits runs now: a burst on an idle engine is not refused for want of a step
         if len(self.waiting) >= self.max_queue:
             raise Overloaded(f"the server queue is full ({self.max_queue} waiting requests)", status=503)
         for p in state.prompts:
@@ -145,9 +160,13 @@ class EngineCore:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def fail_all(self, message: str) -> None:
+    def fail_all(self, message: str, status: int = 503, code: str = "engine_stopped") -> None:
+        """Answer every request inside with an error (shutdown, or a dead loop: the core may be broken)."""
         for state in list(self.running) + list(self.waiting):
-            self._fail(state, message)
+            try:
+                self._fail(state, message, code=code, status=status)
+            except Exception:  # noqa: BLE001 - the error event went out; a broken cache must not stop the rest
+                log.exception("releasing request %s failed", state.req.request_id)
         self.waiting.clear()
 
     # ----- scheduling --------------------------------------------------------------------------
@@ -166,6 +185,8 @@ class EngineCore:
             if running_seqs + state.best_of > self.max_num_seqs or not fits:
                 break
             self.waiting.popleft()
+            if not self._grow_caches(state):
+                continue
             running_seqs += state.best_of
             for p in state.prompts:
                 self.reserved[p] += state.reserved_tokens(p)
@@ -175,6 +196,21 @@ class EngineCore:
                 leader.feeds[p] = list(state.prompts[p])
                 self.runners[p].add(leader)
             self.running.append(state)
+
+    def _grow_caches(self, state: RequestState) -> bool:
+        """Allocate the joining request's cache rows now (slots for best_of, room for its prompt), so that
+        running out of memory refuses this request with a 503 instead of failing a step everyone shares."""
+        try:
+            for p, prompt in state.prompts.items():
+                runner = self.runners[p]
+                runner.cache.reserve(len(runner.slots) + state.best_of, max(runner.lengths, default=0) + len(prompt))
+        except Exception as err:  # noqa: BLE001 - only allocation failures are expected here
+            if not is_oom(err):
+                raise
+            log.warning("out of memory admitting request %s: %s", state.req.request_id, err)
+            self._fail(state, *_failure(err, "while admitting the request"))
+            return False
+        return True
 
     def _new_sequence(self, state: RequestState, index: int) -> Sequence:
         req = state.req
@@ -208,10 +244,13 @@ class EngineCore:
     def _fail(self, state: RequestState, message: str, code: str = "engine_error", status: int = 500) -> None:
         if state.status == Status.FINISHED:
             return
-        self._release(state)
-        state.emit(RequestDone(prompt_tokens=state.prompt_len, completion_tokens=0, sequences=[],
-                               weights=dict(state.req.recipe.weights), error=message, error_status=status,
-                               error_code=code))
+        try:
+            self._release(state)
+        finally:  # the client hears of it even if releasing fails
+            state.status = Status.FINISHED
+            state.emit(RequestDone(prompt_tokens=state.prompt_len, completion_tokens=0, sequences=[],
+                                   weights=dict(state.req.recipe.weights), error=message, error_status=status,
+                                   error_code=code))
 
     # ----- one step ----------------------------------------------------------------------------
 
@@ -234,12 +273,17 @@ class EngineCore:
             except Exception as err:  # noqa: BLE001 - fail the requests in this batch, keep serving
                 log.exception("forward of policy %s failed", name)
                 for state in {seq.request for seq in runner.slots}:
-                    self._fail(state, f"policy {name} failed: {type(err).__name__}: {err}")
+                    self._fail(state, *_failure(err, f"in the forward of policy {name}"))
                 continue
             logps[name] = (lp, {seq.seq_id: i for i, seq in enumerate(runner.slots)})
             self.timers[f"forward:{name}"] += time.perf_counter() - t
         for family_states in self._by_family().values():
-            self._mix_and_sample(family_states, logps)
+            try:
+                self._mix_and_sample(family_states, logps)
+            except Exception as err:  # noqa: BLE001 - a bug or OOM while mixing fails these requests, not the loop
+                log.exception("mixing failed")
+                for state in family_states:
+                    self._fail(state, *_failure(err, "while mixing"))
 
     def _by_family(self) -> dict[int, list[RequestState]]:
         groups: dict[int, list[RequestState]] = defaultdict(list)
@@ -289,6 +333,7 @@ class EngineCore:
         t = time.perf_counter()
         bad = (~torch.isfinite(lse)).tolist()  # one host sync, not one per row
         tokens: list[int | None] = [None] * len(seqs)
+        errors: dict[int, BaseException] = {}  # row -> exception while sampling it (fails only its request)
         plain = []  # greedy rows with nothing to apply: one batched argmax
         for i, seq in enumerate(seqs):
             if bad[seq.row]:
@@ -300,9 +345,13 @@ class EngineCore:
             if sp.temperature == 0.0 and not blocked and not _has_penalties(sp):
                 plain.append(i)
                 continue
-            s = apply_penalties(mixed[seq.row], sp, seq.request.prompts[next(iter(seq.request.prompts))],
-                                seq.output_ids, blocked)
-            tokens[i] = sample_token(s, sp, seq.generator)
+            try:
+                s = apply_penalties(mixed[seq.row], sp, seq.request.prompts[next(iter(seq.request.prompts))],
+                                    seq.output_ids, blocked)
+                tokens[i] = sample_token(s, sp, seq.generator)
+            except Exception as err:  # noqa: BLE001 - this request fails, the batch goes on
+                log.exception("sampling failed for request %s", seq.request.req.request_id)
+                errors[i] = err
         if plain:
             rows = torch.tensor([seqs[i].row for i in plain], device=device)
             for i, tok in zip(plain, mixed[rows].argmax(-1).tolist()):
@@ -311,8 +360,10 @@ class EngineCore:
 
         t = time.perf_counter()
         ok = [(seq, tok) for seq, tok in zip(seqs, tokens) if tok is not None]
-        for seq, tok in zip(seqs, tokens):
-            if tok is None and seq.request.status != Status.FINISHED:
+        for i, (seq, tok) in enumerate(zip(seqs, tokens)):
+            if i in errors:
+                self._fail(seq.request, *_failure(errors[i], "sampling"))
+            elif tok is None and seq.request.status != Status.FINISHED:
                 self._fail(seq.request, "the mixed distribution is not finite (NaN or infinite log-probabilities)",
                            code="nan")
         ok = [(seq, tok) for seq, tok in ok if seq.request.status != Status.FINISHED]
@@ -327,35 +378,45 @@ class EngineCore:
         chosen = (mixed[rows, toks] - lse[rows]).tolist()
         row_leader = {seq.seq_id: seq.request.sequences[0].seq_id for seq, _ in ok}
         for k, (seq, tok) in enumerate(ok):
-            state = seq.request
-            req = state.req
-            sp = req.sampling
-            ev = TokenEvent(index=seq.index, token_id=tok, text="", logprob=chosen[k])
-            if sp.logprobs:
-                top = torch.topk(mixed[seq.row], min(sp.logprobs, mixed.shape[1]))
-                lv = (top.values - lse[seq.row]).tolist()
-                ev.top_logprobs = list(zip(top.indices.tolist(), lv))
-            need_policy = req.return_policy_logprobs or req.return_token_signals or (
-                req.rerank is not None and req.rerank.kind == "implicit")
-            if need_policy:
-                pl = {}
-                for p in state.weights:
-                    lp, slot_of = logps[p]
-                    slot = slot_of.get(seq.seq_id, slot_of.get(row_leader[seq.seq_id]))
-                    pl[p] = float(lp[slot, tok])
-                    seq.policy_logprob_sums[p] = seq.policy_logprob_sums.get(p, 0.0) + pl[p]
-                if req.return_policy_logprobs or req.return_token_signals:
-                    ev.policy_logprobs = pl
-                pair = state.signal_pair
-                if pair is not None:
-                    ev.implicit_reward = pair.beta * (pl[pair.policy] - pl[pair.reference])
-                    lp_ref, slot_of = logps[pair.reference]
-                    slot = slot_of.get(seq.seq_id, slot_of.get(row_leader[seq.seq_id]))
-                    logq = mixed[seq.row] - lse[seq.row]
-                    ev.kl = float((logq.exp() * (logq - lp_ref[slot])).sum().clamp_min(0.0))
-                    seq.kl_sum += ev.kl
-                    seq.reward_sum += ev.implicit_reward
-            self._advance(seq, tok, ev)
+            if seq.request.status == Status.FINISHED:  # a sibling failed just before
+                continue
+            try:
+                self._record_one(seq, tok, chosen[k], mixed, lse, logps, row_leader)
+            except Exception as err:  # noqa: BLE001 - e.g. a detokenizer or reward-model error: only this request
+                log.exception("post-processing failed for request %s", seq.request.req.request_id)
+                self._fail(seq.request, *_failure(err, "post-processing"))
+
+    def _record_one(self, seq: Sequence, tok: int, chosen: float, mixed, lse, logps, row_leader) -> None:
+        """One sequence's token: its logprobs and signals, then stop checks and the event."""
+        state = seq.request
+        req = state.req
+        sp = req.sampling
+        ev = TokenEvent(index=seq.index, token_id=tok, text="", logprob=chosen)
+        if sp.logprobs:
+            top = torch.topk(mixed[seq.row], min(sp.logprobs, mixed.shape[1]))
+            lv = (top.values - lse[seq.row]).tolist()
+            ev.top_logprobs = list(zip(top.indices.tolist(), lv))
+        need_policy = req.return_policy_logprobs or req.return_token_signals or (
+            req.rerank is not None and req.rerank.kind == "implicit")
+        if need_policy:
+            pl = {}
+            for p in state.weights:
+                lp, slot_of = logps[p]
+                slot = slot_of.get(seq.seq_id, slot_of.get(row_leader[seq.seq_id]))
+                pl[p] = float(lp[slot, tok])
+                seq.policy_logprob_sums[p] = seq.policy_logprob_sums.get(p, 0.0) + pl[p]
+            if req.return_policy_logprobs or req.return_token_signals:
+                ev.policy_logprobs = pl
+            pair = state.signal_pair
+            if pair is not None:
+                ev.implicit_reward = pair.beta * (pl[pair.policy] - pl[pair.reference])
+                lp_ref, slot_of = logps[pair.reference]
+                slot = slot_of.get(seq.seq_id, slot_of.get(row_leader[seq.seq_id]))
+                logq = mixed[seq.row] - lse[seq.row]
+                ev.kl = float((logq.exp() * (logq - lp_ref[slot])).sum().clamp_min(0.0))
+                seq.kl_sum += ev.kl
+                seq.reward_sum += ev.implicit_reward
+        self._advance(seq, tok, ev)
 
     def _advance(self, seq: Sequence, tok: int, ev: TokenEvent) -> None:
         state = seq.request

@@ -13,7 +13,7 @@ import time
 from typing import Any, AsyncIterator, Callable
 
 from ..config import Config
-from ..errors import PolicymixError
+from ..errors import Overloaded, PolicymixError
 from ..mixing.recipes import CompiledRecipe, compile_recipe
 from ..registry import Registry, load_registry
 from .core import EngineCore
@@ -71,15 +71,13 @@ class NativeEngine(EngineClient):
         return self.core.render(request).prompt_len
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
-        if self._dead or self._draining:
-            from ..errors import Overloaded
-
-            raise Overloaded("the engine is not accepting requests (shutting down or stopped)", status=503)
+        self._check_open()
         state = self.core.render(request)  # bad input raises here, before anything is queued
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         state.emit = lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)
-        with self._lock:
+        with self._lock:  # the loop's death drains the inbox under this lock: nothing is queued after it
+            self._check_open()
             self._check_room()
             self._inbox.append(("add", state))
             self._pending += 1
@@ -96,9 +94,11 @@ class NativeEngine(EngineClient):
             if not done:  # the client went away (or the consumer stopped): free its cache now
                 self._post(("abort", request.request_id))
 
-    def _check_room(self) -> None:
-        from ..errors import Overloaded
+    def _check_open(self) -> None:
+        if self._dead or self._draining or self._stopping:
+            raise Overloaded("the engine is not accepting requests (shutting down or stopped)", status=503)
 
+    def _check_room(self) -> None:
         if len(self.core.waiting) + self._pending >= self.core.max_queue + self.core.max_num_seqs:
             raise Overloaded(f"the server is full ({self.core.max_queue} requests waiting)", status=503)
 
@@ -134,7 +134,7 @@ class NativeEngine(EngineClient):
         """Stop admitting; let running requests finish until the deadline, then abort the rest."""
         self._draining = True
         end = time.monotonic() + deadline_s
-        while self.core.has_work() or self._inbox:
+        while (self.core.has_work() or self._inbox) and self.is_healthy():
             if time.monotonic() > end:
                 self._post(("fail_all", "the server is shutting down"))
                 break
@@ -155,8 +155,10 @@ class NativeEngine(EngineClient):
                 try:
                     self.core.add(arg)
                 except PolicymixError as err:
-                    arg.emit(RequestDone(arg.prompt_len, 0, [], dict(arg.req.recipe.weights), error=err.message,
-                                         error_status=err.status, error_code=err.code))
+                    _refuse(arg, err.message, err.status, err.code)
+                except Exception as err:  # noqa: BLE001 - e.g. out of memory while admitting: this request only
+                    log.exception("admitting request %s failed", arg.req.request_id)
+                    _refuse(arg, f"admission failed: {type(err).__name__}: {err}", 500, "engine_error")
             elif kind == "abort":
                 self.core.abort(arg)
             elif kind == "fail_all":
@@ -172,10 +174,31 @@ class NativeEngine(EngineClient):
                     self._wake.wait(0.05)
                     self._wake.clear()
         except BaseException as err:  # noqa: BLE001 - report, then let health checks see it
-            self._dead = f"{type(err).__name__}: {err}"
             log.exception("engine loop died")
-            try:
-                self.core.fail_all(f"the engine stopped: {self._dead}")
-            finally:
-                if self.on_fatal:
-                    self.on_fatal(self._dead)
+            self._die(f"{type(err).__name__}: {err}")
+            return
+        self._answer_the_rest("the server is shutting down")  # a deadline-expired shutdown
+
+    def _die(self, reason: str) -> None:
+        with self._lock:
+            self._dead = reason
+        try:
+            self._answer_the_rest(f"the engine stopped: {reason}")
+        finally:
+            if self.on_fatal:
+                self.on_fatal(reason)
+
+    def _answer_the_rest(self, message: str) -> None:
+        """Every request still inside (running, waiting, or in the inbox) gets a final error event."""
+        with self._lock:
+            items, self._inbox = self._inbox, []
+            self._pending = 0
+        for kind, arg in items:
+            if kind == "add":
+                _refuse(arg, message, 503, "engine_stopped")
+        self.core.fail_all(message)
+
+
+def _refuse(state, message: str, status: int, code: str | None) -> None:
+    state.emit(RequestDone(state.prompt_len, 0, [], dict(state.req.recipe.weights), error=message,
+                           error_status=status, error_code=code))
