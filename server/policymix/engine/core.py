@@ -121,7 +121,17 @@ class EngineCore:
         state = RequestState(req=req, emit=lambda e: None, prompts=prompts, weights=weights,
                              signal_pair=pair if req.return_token_signals else None, eos_ids=eos)
         reg.check_length(first.family, state.prompt_len, req.sampling.max_tokens)
+        self._check_budget(state)
         return state
+
+    def _check_budget(self, state: RequestState) -> None:
+        """A request that could never fit its policies' KV budgets is bad input (400), not a wait."""
+        for p in state.prompts:
+            if state.reserved_tokens(p) > self.kv_budget[p]:
+                raise PolicymixError(
+                    f"the request needs {state.reserved_tokens(p)} KV-cache tokens of policy {p} "
+                    f"(best_of x (prompt + max_tokens)), more than its budget of {self.kv_budget[p]}",
+                    param="max_tokens")
 
     def _default_pair(self, req: GenerationRequest) -> ImplicitRewardSpec | None:
         """The (policy, reference, beta) of token signals: the recipe's own, else a registered pair."""
@@ -139,11 +149,7 @@ class EngineCore:
         self._admit()  # what fits runs now: a burst on an idle engine is not refused for want of a step
         if len(self.waiting) >= self.max_queue:
             raise Overloaded(f"the server queue is full ({self.max_queue} waiting requests)", status=503)
-        for p in state.prompts:
-            if state.reserved_tokens(p) > self.kv_budget[p]:
-                raise PolicymixError(
-                    f"the request needs {state.reserved_tokens(p)} KV-cache tokens of policy {p}, more than its "
-                    f"budget of {self.kv_budget[p]}", param="max_tokens")
+        self._check_budget(state)
         self.waiting.append(state)
 
     def abort(self, request_id: str) -> None:

@@ -1,0 +1,34 @@
+"""Seconds-long smoke runs of the engine-side benchmarks, so they do not rot (numbers are not judged)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks.engine_bench import mixing_overhead, registry_from_models, run_engine
+
+
+def test_engine_bench_counts_tokens(tiny_registry):
+    pols = tiny_registry.policies
+    reg = registry_from_models({n: pols[n].model for n in ("base", "dpo", "small")}, pols["base"].tokenizer)
+    prompts = [pols["base"].tokenizer(p).input_ids for p in ("Hello", "Paris is", "A policy")]
+    run = run_engine(reg, {"base": 0.5, "dpo": 0.5}, prompts, 5, 2)
+    assert run.tokens == 15 and run.requests == 3 and run.wall_s > 0
+    assert set(run.timers) >= {"forward:base", "forward:dpo", "mix", "sample", "detok", "schedule"}
+    ov = mixing_overhead(reg, ["base", "dpo", "small"], prompts, 4, 3)
+    assert ov["K"] == 3 and ov["ratio"] > 0 and len(ov["alone_tok_s"]) == 3
+
+
+def test_gpu_check_dry_run_on_cpu(tmp_path, monkeypatch):
+    """The GPU check script runs end to end (tiny shape on CPU when no GPU is present)."""
+    import benchmarks.gpu_check as g
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: run benchmarks/gpu_check.sh itself")
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert g.main() == 0
+    data = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert data["device"] == "cpu" and data["rows"]
+    assert {"single_tok_s", "mixture_tok_s", "ratio_mix_over_sum"} <= set(data["rows"][0])
