@@ -4,6 +4,17 @@ from test_reliability import native_server, slow_down, auth
 def test_dbg(tiny_registry):
     with native_server(tiny_registry, [("single", {"max_concurrent": 1}), ("other", {})], max_num_seqs=1, max_queue=1) as (srv, engine):
         slow_down(engine, 0.02)
+        import traceback
+        real_abort = engine.abort
+        async def abort(rid):
+            print("ABORT", rid); traceback.print_stack(limit=12)
+            await real_abort(rid)
+        engine.abort = abort
+        real_post = engine._post
+        def post(item):
+            print("POST", item); traceback.print_stack(limit=14)
+            real_post(item)
+        engine._post = post
         t0 = time.monotonic()
         async def run():
             async with httpx.AsyncClient(base_url=srv.url, timeout=60) as c:
