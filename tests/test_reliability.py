@@ -162,7 +162,8 @@ def test_full_queue_is_503_and_a_busy_key_429(tiny_registry):
             async with httpx.AsyncClient(base_url=srv.url, timeout=60) as c:
                 async with c.stream("POST", "/v1/completions", json=long_body, headers=auth("single")) as r:
                     assert r.status_code == 200
-                    await anext(r.aiter_lines())  # running: it holds the only sequence slot
+                    lines = r.aiter_lines()  # kept: a dropped line iterator closes the connection
+                    await anext(lines)  # running: it holds the only sequence slot
                     busy = await c.post("/v1/completions", json=short, headers=auth("single"))
                     burst = [asyncio.create_task(c.post("/v1/completions", json=short, headers=auth("other")))
                              for _ in range(4)]
@@ -493,3 +494,51 @@ def _healthy(url: str) -> bool:
         return httpx.get(f"{url}/health", timeout=2).status_code == 200
     except httpx.TransportError:
         return False
+
+
+def test_stream_cleanup_runs_when_the_client_is_gone_before_the_first_byte():
+    """ASGI 2.4 servers raise OSError from ``send`` once the client is gone: Starlette then never starts
+    the SSE body, yet the engine request must be aborted and the key's concurrency slot given back."""
+    from fake_engine import FakeEngine
+
+    from api_helpers import fake_config
+
+    engine = FakeEngine()
+    app = build_app(engine, fake_config(api_keys=[{"key_sha256": hash_key("k"), "max_concurrent": 1}]), env={})
+
+    async def call(stream: bool, gone: bool) -> list[dict]:
+        body = json.dumps({"model": "base", "prompt": "hi", "max_tokens": 5, "stream": stream}).encode()
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+        sent = []
+
+        async def receive():
+            if messages:
+                return messages.pop()
+            await asyncio.Event().wait()  # no disconnect message: the server reports it through send
+
+        async def send(message):
+            if gone:
+                raise OSError("client disconnected")
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "raw_path": b"/v1/completions",
+                 "query_string": b"", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "scheme": "http",
+                 "headers": [(b"content-type", b"application/json"), (b"authorization", b"Bearer k")],
+                 "http_version": "1.1", "root_path": "", "asgi": {"version": "3.0", "spec_version": "2.4"}}
+        try:
+            await asyncio.wait_for(app(scope, receive, send), 10)
+        except OSError:
+            pass  # what the server sees of the ClientDisconnect: nobody to answer
+        return sent
+
+    async def run():
+        await call(stream=True, gone=True)
+        await asyncio.sleep(0.1)
+        return await call(stream=False, gone=False)
+
+    after = asyncio.run(run())
+    assert engine.cancelled == [engine.requests[0].request_id]  # the engine request was aborted
+    assert after[0]["status"] == 200, after  # the key's only slot was given back (else 429)
+    metrics = app.state.serving.metrics.exposition().decode()
+    assert 'policymix_requests_running{model="base"} 0.0' in metrics
+    assert 'policymix_requests_waiting{model="base"} 0.0' in metrics

@@ -152,27 +152,22 @@ class Setting:
     source: str  # one of SOURCES
 
 
-def env_settings(environ: Mapping[str, str]) -> dict[str, Any]:
-    """The POLICYMIX_* variables that are set (non-empty), checked like their flags (CliError names the variable)."""
-    out: dict[str, Any] = {}
-    for name, var in ENV.items():
-        raw = environ.get(var, "")
-        if not raw:
-            continue
-        if name == "port":
-            try:
-                out[name] = _port(raw)
-            except argparse.ArgumentTypeError as err:
-                raise CliError(f"{var}: {err}") from None
-        elif name == "engine":
-            if raw not in ENGINES:
-                raise CliError(f"{var}: invalid engine {raw!r} (choose from {', '.join(ENGINES)})")
-            out[name] = raw
-        elif name == "api_key":
-            out[name] = (raw,)
-        else:
-            out[name] = raw
-    return out
+def env_settings(environ: Mapping[str, str]) -> dict[str, str]:
+    """The POLICYMIX_* variables that are set, as strings (an empty one is unset); parsed once they win."""
+    return {name: environ[var] for name, var in ENV.items() if environ.get(var)}
+
+
+def _from_env(name: str, raw: str) -> Any:
+    """An environment value checked like its flag; a CliError names the variable."""
+    var = ENV[name]
+    if name == "port":
+        try:
+            return _port(raw)
+        except argparse.ArgumentTypeError as err:
+            raise CliError(f"{var}: {err}") from None
+    if name == "engine" and raw not in ENGINES:
+        raise CliError(f"{var}: invalid engine {raw!r} (choose from {', '.join(ENGINES)})")
+    return (raw,) if name == "api_key" else raw
 
 
 def flag_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -184,19 +179,22 @@ def flag_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def file_settings(config) -> dict[str, Any]:
-    """The serve settings a config file sets explicitly (``server.host``/``port``/``engine`` when the schema has them)."""
+    """What the config file sets of host, port and engine (``server.host``, ``server.port``, ``server.engine``)."""
     server = config.server
     return {k: getattr(server, k) for k in ("host", "port", "engine") if k in server.model_fields_set}
 
 
-def resolve_settings(flags: Mapping[str, Any], env: Mapping[str, Any],
+def resolve_settings(flags: Mapping[str, Any], env: Mapping[str, str],
                      file: Mapping[str, Any] | None = None) -> dict[str, Setting]:
     """Each setting from the first layer that sets it (None is unset): flags, env, file, defaults."""
     layers = (("flag", flags), ("env", env), ("file", file or {}))
     out = {}
     for name, default in DEFAULTS.items():
-        out[name] = next((Setting(values[name], source) for source, values in layers
-                          if values.get(name) is not None), Setting(default, "default"))
+        found = next((Setting(values[name], source) for source, values in layers if values.get(name) is not None),
+                     Setting(default, "default"))
+        if found.source == "env":  # checked only when it wins: a flag overrides a bad variable
+            found = Setting(_from_env(name, found.value), "env")
+        out[name] = found
     return out
 
 
@@ -241,6 +239,9 @@ def serve(args: argparse.Namespace) -> int:
         return 0
     finally:
         signal.signal(signal.SIGTERM, previous)
+        from .logs import reset_logging
+
+        reset_logging()
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -256,14 +257,16 @@ def _serve(args: argparse.Namespace) -> int:
     log.setLevel(min(logging.INFO, logging.getLogger().level))  # start and stop lines show at any --log-level
     flags, env = flag_settings(args), env_settings(os.environ)
     path = resolve_settings(flags, env)["config"]
-    with prints_as_logs(logging.getLogger("policymix.registry")):  # loading progress, as log lines
+    progress = logging.getLogger("policymix.registry")  # loading progress is printed: make it log lines
+    with prints_as_logs(progress):
         config = _load_config(path.value)
-        settings = resolve_settings(flags, env, file_settings(config))
-        configure_logging(args.log_format, args.log_level, log_prompts=config.server.log_prompts)
-        keys = settings["api_key"]
-        for i, key in enumerate(keys.value):
-            name = f"cli-{i}" if keys.source == "flag" else "env"
-            config.server.api_keys.append(ApiKeySpec(key_sha256=hash_key(key), name=name))
+    settings = resolve_settings(flags, env, file_settings(config))
+    configure_logging(args.log_format, args.log_level, log_prompts=config.server.log_prompts)
+    keys = settings["api_key"]
+    for i, key in enumerate(keys.value):
+        name = f"cli-{i}" if keys.source == "flag" else "env"
+        config.server.api_keys.append(ApiKeySpec(key_sha256=hash_key(key), name=name))
+    with prints_as_logs(progress):
         engine = make_engine(settings["engine"].value, config)
     host, port = settings["host"].value, settings["port"].value
     lifecycle = Lifecycle()

@@ -108,6 +108,9 @@ class GuardSpec(_Strict):
 
 
 class ServerSpec(_Strict):
+    host: str | None = None  # flags and POLICYMIX_* variables override these three
+    port: int | None = Field(default=None, ge=0, le=65535)
+    engine: Literal["native", "vllm"] | None = None
     api_keys: list[ApiKeySpec] = Field(default_factory=list)
     open_health: bool = True  # /health and /metrics without a key
     open_metrics: bool = True

@@ -110,6 +110,17 @@ class TextFormatter(logging.Formatter):
 class _OurHandler(logging.StreamHandler):
     """Marks the handler configure_logging installed, so that calling it again replaces it."""
 
+    root_level = logging.WARNING
+
+
+def reset_logging() -> int:
+    """Undo configure_logging (for callers in a longer-lived process, such as tests); the root level now."""
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _OurHandler)]:
+        root.removeHandler(old)
+        root.setLevel(old.root_level)
+    return root.level
+
 
 def configure_logging(fmt: str = "json", level: str | int = "info", log_prompts: bool = False,
                       stream: TextIO | None = None) -> logging.Handler:
@@ -119,11 +130,13 @@ def configure_logging(fmt: str = "json", level: str | int = "info", log_prompts:
     """
     if fmt not in ("json", "text"):
         raise ValueError(f"unknown log format {fmt!r} (json or text)")
-    handler = _OurHandler(stream or sys.stdout)
+    stream = stream or sys.stdout
+    while isinstance(stream, _LineLogger):  # called inside prints_as_logs: write where print would have
+        stream = stream.under
+    handler = _OurHandler(stream)
     handler.setFormatter(JsonFormatter(log_prompts) if fmt == "json" else TextFormatter(log_prompts))
     root = logging.getLogger()
-    for old in [h for h in root.handlers if isinstance(h, _OurHandler)]:
-        root.removeHandler(old)
+    handler.root_level = reset_logging()  # the level to go back to
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):  # no handlers of their own: they propagate
@@ -135,8 +148,9 @@ def configure_logging(fmt: str = "json", level: str | int = "info", log_prompts:
 class _LineLogger(io.TextIOBase):
     """A text stream whose complete lines become log records (for libraries that print)."""
 
-    def __init__(self, logger: logging.Logger):
+    def __init__(self, logger: logging.Logger, under: TextIO):
         self.logger = logger
+        self.under = under  # the stream it replaces
         self.partial = ""
 
     def writable(self) -> bool:
@@ -159,7 +173,7 @@ class _LineLogger(io.TextIOBase):
 @contextlib.contextmanager
 def prints_as_logs(logger: logging.Logger) -> Iterator[None]:
     """Within the block, what is printed to stdout is logged by ``logger`` instead (one record per line)."""
-    sink = _LineLogger(logger)
+    sink = _LineLogger(logger, sys.stdout)
     with contextlib.redirect_stdout(sink):
         try:
             yield

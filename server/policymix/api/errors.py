@@ -71,6 +71,9 @@ def _validation_error(errors: list[dict]) -> ApiError:
     loc = _clean_loc(first)
     if first.get("type") == "json_invalid":
         return ApiError(400, f"the request body is not valid JSON: {first.get('msg', '')}")
+    if not loc and first.get("type") in ("model_attributes_type", "dict_type", "model_type"):
+        # e.g. `curl -d '{...}'` without a JSON content type: the body was never parsed as JSON
+        return ApiError(400, "the request body must be a JSON object, sent with 'Content-Type: application/json'")
     param = ".".join(str(p) for p in loc) or None
     msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     if first.get("type") == "missing":

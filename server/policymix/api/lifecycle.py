@@ -73,8 +73,10 @@ class Lifecycle:
                         extra={"ended": len(ending)})
             await asyncio.gather(*(f.end() for f in ending))
             await self._wait_idle(loop.time() + UNWIND_S, hurried=False)
-        log.info("stopped admitting; no request running" if not self.flights else
-                 f"{len(self.flights)} requests did not unwind")
+        if self.flights:
+            log.warning("%d ended requests did not unwind", len(self.flights))
+        else:
+            log.info("drained: no request running")
 
     async def _wait_idle(self, until: float, hurried: bool = True) -> None:
         loop = asyncio.get_running_loop()

@@ -153,7 +153,7 @@ class ChatCompletionRequest(_Common):
 class TokenizeRequest(_Request):
     model: str
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     add_special_tokens: bool | None = True
     add_generation_prompt: bool | None = True
 

@@ -18,6 +18,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import anyio
 
 from fastapi import Request
+from starlette.requests import ClientDisconnect
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
@@ -34,6 +35,7 @@ from ..engine.protocol import (
     TokenEvent,
 )
 from ..errors import Overloaded, PolicymixError
+from ..logs import engine_request_prefix
 from ..mixing.guard import check_recipe
 from ..mixing.recipes import CompiledRecipe, PolicyInfo
 from . import shapes
@@ -176,7 +178,8 @@ class Serving:
         requests = []
         for i, prompt in enumerate(prompts):
             req = GenerationRequest(
-                request_id=f"{response_id}-{i}", model=body.model, recipe=recipe, prompt=prompt,
+                request_id=f"{engine_request_prefix()}{response_id}-{i}", model=body.model, recipe=recipe,
+                prompt=prompt,
                 sampling=sampling if i == 0 else _copy(sampling), rerank=_rerank(body.rerank),
                 return_token_signals=bool(body.return_token_signals),
                 return_policy_logprobs=bool(body.return_token_signals),
@@ -317,9 +320,9 @@ class Serving:
 class _EventStream(StreamingResponse):
     """An SSE response whose cleanup runs even if the body never starts.
 
-    Starlette cancels the body when the client disconnects; if that happens before the first chunk,
-    the generator never runs and its ``finally`` never would: the engine request and the key's
-    concurrency slot would leak.
+    Under an ASGI 2.4 server, ``send`` raises OSError once the client is gone; if that happens at the
+    response start, Starlette never starts the body generator, so its ``finally`` never runs: the
+    engine request and the key's concurrency slot would leak.
     """
 
     def __init__(self, body: AsyncIterator[str], cleanup: Callable[[], Awaitable[None]]):
@@ -330,6 +333,8 @@ class _EventStream(StreamingResponse):
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
+        except ClientDisconnect:  # (ASGI 2.4 servers) nobody is left to answer: not an application error
+            pass
         finally:
             with anyio.CancelScope(shield=True):
                 await self.cleanup()

@@ -278,7 +278,7 @@ class EngineCore:
                 lp = runner.forward()  # [B_p, V]
             except Exception as err:  # noqa: BLE001 - fail the requests in this batch, keep serving
                 log.exception("forward of policy %s failed", name)
-                for state in {seq.request for seq in runner.slots}:
+                for state in {id(seq.request): seq.request for seq in runner.slots}.values():  # (unhashable)
                     self._fail(state, *_failure(err, f"in the forward of policy {name}"))
                 continue
             logps[name] = (lp, {seq.seq_id: i for i, seq in enumerate(runner.slots)})

@@ -1,0 +1,132 @@
+"""``MixturePolicyForCausalLM``: every policy of a family as one vLLM model, mixed in ``compute_logits``.
+
+One sub-model per policy (its class found through vLLM's model registry from its own HF config),
+built from a shallow copy of the engine's ``VllmConfig`` whose ``model_config`` points at that
+policy, so all sub-models share the compilation and cache configs: their attention layers land
+in one KV-cache group with one block table, and vLLM's scheduler, paged cache and prefix cache
+serve them all. Each sub-model is an attribute named with letters (``pol_a``...).
+
+``forward`` runs every sub-model on the same tokens and returns their hidden states side by side
+``[T, sum H_k]``; ``compute_logits`` splits them and returns the mixed score
+``s = sum_k w_k * log_softmax(l_k)[:V]`` per row, with each row's weights from the weight table
+(:mod:`.table`). Policies that no request in the batch uses are skipped in ``compute_logits``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from vllm.compilation.backends import set_model_tag
+from vllm.config import ModelConfig, VllmConfig
+from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+from vllm.model_executor.model_loader.utils import initialize_model
+from vllm.model_executor.models import ModelRegistry
+
+from .checkpoint import PLACEHOLDER
+from .plugin import POLICIES_KEY
+from .table import published
+
+
+def _sub_config(parent: VllmConfig, path: str) -> VllmConfig:
+    """The engine's config with ``model_config`` pointing at one policy (everything else shared)."""
+    pm = parent.model_config
+    mc = ModelConfig(model=path, tokenizer=pm.tokenizer, skip_tokenizer_init=True, dtype=pm.dtype,
+                     max_model_len=pm.max_model_len, enforce_eager=pm.enforce_eager, seed=pm.seed,
+                     trust_remote_code=pm.trust_remote_code, generation_config="vllm")
+    sub = copy.copy(parent)
+    sub.model_config = mc
+    return sub
+
+
+class MixturePolicyForCausalLM(nn.Module):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        hf = vllm_config.model_config.hf_config
+        self.members = [dict(m) for m in getattr(hf, POLICIES_KEY)]
+        self.key = vllm_config.model_config.model
+        self.vocab = int(hf.vocab_size)
+        self.secondary_weights = []
+        self.hidden_sizes: list[int] = []
+        for m in self.members:
+            sub_cfg = _sub_config(vllm_config, m["path"])
+            mc = sub_cfg.model_config
+            cls, _ = ModelRegistry.resolve_model_cls(mc.hf_config.architectures, model_config=mc)
+            name = f"{prefix}.{m['attr']}" if prefix else m["attr"]
+            with set_model_tag(m["attr"]):
+                sub = initialize_model(sub_cfg, prefix=name, model_class=cls, model_config=mc)
+            self.add_module(m["attr"], sub)
+            self.hidden_sizes.append(int(mc.get_hidden_size()))
+            self.secondary_weights.append(DefaultModelLoader.Source(m["path"], None, prefix=f"{m['attr']}."))
+
+    def _subs(self) -> list[nn.Module]:
+        return [getattr(self, m["attr"]) for m in self.members]
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("each policy embeds the tokens itself; the composite has no shared embedding")
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, intermediate_tensors=None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        outs = [sub(input_ids, positions, intermediate_tensors, inputs_embeds) for sub in self._subs()]
+        return torch.cat(outs, dim=-1)  # [T, sum H_k]
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        rows = hidden_states.shape[0]
+        table = published(self.key)
+        live = table is not None and table.num_reqs == rows  # else a warm-up or profiling run
+        weights = table.weights[:rows] if live else hidden_states.new_zeros(rows, len(self.members))  # [B, K]
+        used = table.used if live else [True] * len(self.members)
+        mixed = None
+        parts = hidden_states.split(self.hidden_sizes, dim=-1)
+        for k, (sub, h) in enumerate(zip(self._subs(), parts)):
+            if not used[k]:
+                continue
+            logits = sub.compute_logits(h)  # [B, V_k]; None on tensor-parallel ranks > 0
+            if logits is None:
+                return None
+            logp = torch.log_softmax(logits[:, : self.vocab].float(), dim=-1)  # [B, V]
+            w = weights[:, k : k + 1]  # [B, 1]
+            term = torch.where(w != 0, w * logp * 1.001, 0.0)  # a weight of 0 never meets a -inf
+            mixed = term if mixed is None else mixed.add_(term)
+        if mixed is None:
+            mixed = hidden_states.new_zeros(rows, self.vocab, dtype=torch.float32)
+        return mixed  # [B, V]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Stream each prefixed checkpoint tensor to its sub-model; returns the prefixed names loaded.
+
+        The loader yields one policy's tensors after another, so each sub-model gets a generator
+        over its own run of tensors (nothing is buffered: a large policy is never held twice).
+        """
+        subs = {m["attr"]: getattr(self, m["attr"]) for m in self.members}
+        source = iter(weights)
+
+        def advance():
+            for name, tensor in source:
+                if name == PLACEHOLDER:
+                    continue
+                attr, _, rest = name.partition(".")
+                if attr not in subs:
+                    raise ValueError(f"unexpected checkpoint tensor {name!r} in the composite model")
+                return attr, (rest, tensor)
+            return None
+
+        loaded: set[str] = set()
+        pending = advance()
+        while pending is not None:
+            attr = pending[0]
+
+            def run():
+                nonlocal pending
+                while pending is not None and pending[0] == attr:
+                    item = pending[1]
+                    pending = advance()
+                    yield item
+
+            names = subs[attr].load_weights(run())
+            loaded.update(f"{attr}.{n}" for n in (names or ()))
+            while pending is not None and pending[0] == attr:  # whatever the sub-model did not read
+                pending = advance()
+        return loaded

@@ -1,0 +1,401 @@
+"""``VllmEngine``: the EngineClient over one vLLM ``AsyncLLM`` per tokenizer family.
+
+The engines live on a private asyncio loop in one background thread (as the native engine's core
+lives on its thread), so the API may call from any event loop; events come back through each
+request's queue with ``call_soon_threadsafe``. A request of ``best_of`` sequences is ``best_of``
+vLLM requests of one sequence each (vLLM's own ``n`` does the same inside; doing it here lets a
+stop string end one sequence and keeps the seeds per sequence). Each vLLM request carries its
+weights over the family's policies in ``SamplingParams.extra_args``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+from ...config import Config
+from ...errors import ConfigError, Overloaded, PolicymixError
+from ...mixing.recipes import CompiledRecipe, compile_recipe
+from ...registry import Registry
+from ..protocol import EngineClient, EngineEvent, GenerationRequest, ModelCard, RequestDone, TokenEvent
+from .catalog import load_catalog
+from .checkpoint import Member, attr_name, build_checkpoint
+from .jobs import Job, Seq
+
+log = logging.getLogger("policymix.engine.vllm")
+
+
+@dataclass
+class VllmSettings:
+    """vLLM knobs that the config file does not carry (environment variables, read once at start)."""
+
+    kv_cache_bytes: int | None = None  # CPU: KV-cache size; None: from server.kv_budget_tokens or a default
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float | None = None  # GPU: vLLM's default (0.9) when None
+    compile: bool = False  # torch.compile + CUDA graphs (with the compile cache off, see docs/vllm.md)
+    cache_dir: Path | None = None  # composite checkpoints; default $POLICYMIX_CACHE/vllm
+
+    @classmethod
+    def from_env(cls, env=os.environ) -> "VllmSettings":
+        def num(key, kind):
+            return kind(env[key]) if env.get(key) else None
+
+        return cls(kv_cache_bytes=num("POLICYMIX_VLLM_KV_CACHE_BYTES", int),
+                   tensor_parallel_size=num("POLICYMIX_VLLM_TENSOR_PARALLEL_SIZE", int) or 1,
+                   gpu_memory_utilization=num("POLICYMIX_VLLM_GPU_MEMORY_UTILIZATION", float),
+                   compile=env.get("POLICYMIX_VLLM_COMPILE", "") == "1")
+
+
+@dataclass
+class _Family:
+    members: list[str]  # policy names, in composite order
+    folder: Path
+    llm: Any = None  # vllm AsyncLLM
+
+
+def _eos_ids(path: str, tokenizer) -> set[int]:
+    """The tokenizer's EOS plus the checkpoint's generation config EOS (as the native engine stops)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    for name in ("generation_config.json", "config.json"):
+        f = Path(path, name)
+        if f.is_file():
+            eos = json.loads(f.read_text()).get("eos_token_id")
+            ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+            break
+    return ids
+
+
+def _kv_bytes_per_token(path: str, dtype_bytes: int) -> int:
+    cfg = json.loads(Path(path, "config.json").read_text()) if Path(path, "config.json").is_file() else {}
+    text = cfg.get("text_config", cfg)
+    heads = text.get("num_attention_heads", 1)
+    head_dim = text.get("head_dim") or text.get("hidden_size", 64) // heads
+    return 2 * text.get("num_hidden_layers", 1) * text.get("num_key_value_heads", heads) * head_dim * dtype_bytes
+
+
+class VllmEngine(EngineClient):
+    def __init__(self, registry: Registry, paths: dict[str, str], settings: VllmSettings | None = None,
+                 progress: Callable[[str], None] | None = None):
+        self.registry = registry
+        self.paths = paths
+        self.settings = settings or VllmSettings()
+        self._progress = progress or (lambda msg: None)
+        self.families: dict[int, _Family] = {}
+        self.unservable: dict[str, str] = {}  # policy -> why the vLLM engine cannot run it
+        self._eos = {name: _eos_ids(path, registry.policies[name].tokenizer) for name, path in paths.items()}
+        self._jobs: dict[str, Future] = {}
+        self._running_seqs = 0
+        self._draining = False
+        self._dead: str | None = None
+        self.on_fatal: Callable[[str], None] | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="policymix-vllm", daemon=True)
+        self._thread.start()
+        try:
+            self._plan()
+            for family, fam in self.families.items():
+                self._progress(f"starting vLLM for family {family}: {', '.join(fam.members)} ({fam.folder})")
+                t = time.monotonic()
+                self._call(self._start(family, fam)).result()
+                self._progress(f"vLLM for family {family} ready in {time.monotonic() - t:.0f} s")
+        except BaseException:
+            self._close_now()
+            raise
+
+    @classmethod
+    def from_config(cls, cfg: Config, progress: bool = True, settings: VllmSettings | None = None) -> "VllmEngine":
+        report = (lambda msg: print(msg, flush=True)) if progress else None
+        registry, paths = load_catalog(cfg, progress=report)
+        return cls(registry, paths, settings or VllmSettings.from_env(), progress=report)
+
+    # ----- start ------------------------------------------------------------------------------
+
+    def _plan(self) -> None:
+        """One composite per family: its causal policies without a system prompt, in config order."""
+        from ...embedded import cache_root
+
+        reg = self.registry
+        cache = self.settings.cache_dir or cache_root() / "vllm"
+        by_family: dict[int, list[str]] = {}
+        for name, p in reg.policies.items():
+            if p.kind != "causal":
+                continue
+            if p.system_prompt:
+                self.unservable[name] = (f"policy {name!r} has a system prompt; the vLLM engine runs every policy "
+                                         "of a family on one prompt (use --engine native for prompted policies)")
+                continue
+            by_family.setdefault(p.family, []).append(name)
+        for family, names in by_family.items():
+            members = [Member(n, self.paths[n], attr_name(i)) for i, n in enumerate(names)]
+            tok = reg.policies[names[0]].tokenizer
+            folder = build_checkpoint(members, tok, reg.max_model_len(family), cache)
+            self.families[family] = _Family(names, folder)
+
+    def _engine_args(self, family: int, fam: _Family):
+        import torch
+        from vllm import AsyncEngineArgs
+
+        from .table import WeightTable
+
+        reg, s = self.registry, self.settings
+        srv = reg.config.server
+        max_len = reg.max_model_len(family)
+        on_cpu = not torch.cuda.is_available()
+        spec = reg.policies[fam.members[0]].spec
+        dtype = "float32" if on_cpu and spec.dtype == "auto" else spec.dtype  # the native engine's choice on CPU
+        kw: dict[str, Any] = {}
+        kv_bytes = s.kv_cache_bytes
+        if kv_bytes is None and (on_cpu or srv.kv_budget_tokens):
+            per_token = sum(_kv_bytes_per_token(self.paths[n], 4 if dtype == "float32" else 2) for n in fam.members)
+            tokens = srv.kv_budget_tokens or max(max_len, min(srv.max_num_seqs * max_len, 16384))
+            kv_bytes = per_token * (tokens + 64)  # a few blocks of slack for vLLM's block rounding
+        if kv_bytes is not None:
+            kw["kv_cache_memory_bytes"] = kv_bytes
+        if s.gpu_memory_utilization is not None:
+            kw["gpu_memory_utilization"] = s.gpu_memory_utilization
+        return AsyncEngineArgs(
+            model=str(fam.folder), tokenizer=str(fam.folder), skip_tokenizer_init=True, dtype=dtype,
+            max_model_len=max_len, max_num_seqs=srv.max_num_seqs, enforce_eager=not s.compile,
+            tensor_parallel_size=s.tensor_parallel_size, logits_processors=[WeightTable],
+            generation_config="vllm", seed=0, disable_log_stats=True,
+            max_logprobs=-1,  # the API caps top_logprobs; the engine may return whole distributions (tests)
+            **kw)
+
+    async def _start(self, family: int, fam: _Family) -> None:
+        # The weight table follows the legacy model runner's batch; the V2 runner (GPU default) has
+        # another logits-processor interface. Both sub-models would write one torch.compile cache file.
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        if self.settings.compile:
+            os.environ["VLLM_DISABLE_COMPILE_CACHE"] = "1"
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from .plugin import register
+
+        register()
+        fam.llm = AsyncLLM.from_engine_args(self._engine_args(family, fam))
+
+    def _call(self, coro) -> Future:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    # ----- EngineClient -----------------------------------------------------------------------
+
+    def models(self) -> list[ModelCard]:
+        reg = self.registry
+        cards = [ModelCard(name, "policy" if p.kind == "causal" else "reward", p.family,
+                           max_model_len=reg.max_model_len(p.family)) for name, p in reg.policies.items()]
+        infos = reg.infos()
+        for name, recipe in reg.config.mixtures.items():
+            c = compile_recipe(recipe, name, infos, reg.config.mixtures)
+            cards.append(ModelCard(name, "mixture", c.family, weights=c.weights, max_model_len=reg.max_model_len(c.family)))
+        return cards
+
+    def compile(self, model: str, mixture: Any) -> CompiledRecipe:
+        return compile_recipe(mixture, model, self.registry.infos(), self.registry.config.mixtures)
+
+    def tokenizer(self, model: str) -> Any:
+        reg = self.registry
+        if model in reg.policies:
+            return reg.policies[model].tokenizer
+        return reg.family_members(self.compile(model, None).family)[0].tokenizer
+
+    def prompt_length(self, request: GenerationRequest) -> int:
+        return len(self._job(request).prompt)
+
+    def _job(self, req: GenerationRequest) -> Job:
+        """Check a request and render its prompt (raises PolicymixError with the field at fault)."""
+        reg, sp = self.registry, req.sampling
+        for name in req.recipe.active:
+            if name in self.unservable:
+                raise PolicymixError(self.unservable[name], param="mixture" if req.recipe.form != "single" else "model")
+        best_of = sp.best_of or sp.n
+        if best_of < sp.n:
+            raise PolicymixError(f"best_of ({best_of}) must be >= n ({sp.n})", param="best_of")
+        if best_of > reg.config.server.max_best_of:
+            raise PolicymixError(f"best_of {best_of} is above the server's maximum {reg.config.server.max_best_of}",
+                                 param="best_of")
+        if best_of > sp.n and sp.temperature == 0:
+            raise PolicymixError("best_of > n with temperature 0 would give identical candidates", param="best_of")
+        if req.return_token_signals or req.return_policy_logprobs or req.signals is not None:
+            raise PolicymixError("token signals and per-policy logprobs are not available with --engine vllm yet "
+                                 "(use --engine native)", param="return_token_signals")
+        rr = req.rerank
+        if rr is not None and rr.kind == "implicit":
+            raise PolicymixError("the implicit-reward rerank needs per-policy logprobs, not available with "
+                                 "--engine vllm yet (use --engine native)", param="rerank.implicit")
+        if rr is not None and rr.kind == "reward_model":
+            rm = reg.policies.get(rr.reward_model)
+            if rm is None:
+                raise PolicymixError(f"unknown reward model {rr.reward_model!r}", param="rerank.reward_model")
+            if rm.kind != "reward":
+                raise PolicymixError(f"{rr.reward_model!r} is a policy, not a reward model", param="rerank.reward_model")
+        fam = self.families[req.recipe.family]
+        first = reg.policies[next(iter(req.recipe.active))]
+        prompt = first.render(req.prompt)
+        reg.check_length(req.recipe.family, len(prompt), sp.max_tokens)
+        weights = [float(req.recipe.weights.get(name, 0.0)) for name in fam.members]
+        eos = set().union(*(self._eos[name] for name in req.recipe.active))
+        return Job(req, prompt, weights, eos, first.tokenizer)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
+        if self._dead or self._draining:
+            raise Overloaded("the engine is not accepting requests (shutting down or stopped)", status=503)
+        job = self._job(request)  # bad input raises here, before anything is queued
+        srv = self.registry.config.server
+        if len(self._jobs) >= srv.max_num_seqs + srv.max_queue:
+            raise Overloaded(f"the server is full ({srv.max_queue} requests waiting)", status=503)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        job.emit = lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)
+        rid = request.request_id
+        self._jobs[rid] = self._call(self._run(job))
+        done = False
+        try:
+            while True:
+                ev = await queue.get()
+                yield ev
+                if isinstance(ev, RequestDone):
+                    done = True
+                    return
+        finally:
+            fut = self._jobs.pop(rid, None)
+            if not done and fut is not None:  # the client went away: abort its vLLM requests now
+                fut.cancel()
+
+    async def abort(self, request_id: str) -> None:
+        fut = self._jobs.get(request_id)
+        if fut is not None:
+            fut.cancel()
+
+    def is_healthy(self) -> bool:
+        if self._dead is not None or not self._thread.is_alive():
+            return False
+        return all(f.llm is not None and not f.llm.errored for f in self.families.values())
+
+    def stats(self) -> dict[str, Any]:
+        unfinished = {f: fam.llm.output_processor.get_num_unfinished_requests()
+                      for f, fam in self.families.items() if fam.llm is not None}
+        return {"running": self._running_seqs, "running_requests": len(self._jobs), "waiting": 0,
+                "forwards": {}, "vllm_unfinished": unfinished}
+
+    async def start(self) -> None:
+        return None  # vLLM's engines run from construction on
+
+    async def shutdown(self, deadline_s: float = 30.0) -> None:
+        """Stop admitting; let running requests finish until the deadline, then abort the rest."""
+        self._draining = True
+        end = time.monotonic() + deadline_s
+        while self._jobs and time.monotonic() < end:
+            await asyncio.sleep(0.02)
+        for fut in list(self._jobs.values()):
+            fut.cancel()
+        await asyncio.get_running_loop().run_in_executor(None, self._close_now)
+
+    def _close_now(self) -> None:
+        for fam in self.families.values():
+            if fam.llm is not None:
+                try:
+                    fam.llm.shutdown()
+                except Exception:  # noqa: BLE001 - best effort at exit
+                    log.exception("vLLM shutdown failed")
+                fam.llm = None
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    # ----- on the engine loop -----------------------------------------------------------------
+
+    async def _run(self, job: Job) -> None:
+        tasks = [asyncio.ensure_future(self._run_seq(job, job.new_seq(i))) for i in range(job.best_of)]
+        self._running_seqs += len(tasks)
+        try:
+            await asyncio.gather(*tasks)
+            scores = None
+            rr = job.req.rerank
+            if job.buffered and rr is not None and rr.kind == "reward_model":
+                from ...rerank import reward_model_scores
+
+                rm = self.registry.policies[rr.reward_model]
+                texts = [s.detok.text for s in job.seqs]
+                scores = await asyncio.get_running_loop().run_in_executor(
+                    None, reward_model_scores, rm, job.req.prompt, texts)
+            job.emit(job.done(scores))
+        except asyncio.CancelledError:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # each aborts its vLLM request
+            raise
+        except Exception as err:  # noqa: BLE001 - fail this request, keep serving
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            job.emit(self._failure(job, err))
+        finally:
+            self._running_seqs -= len(tasks)
+
+    def _failure(self, job: Job, err: Exception) -> RequestDone:
+        from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        status, code = 500, "engine_error"
+        if isinstance(err, (VLLMClientError, ValueError)):
+            status, code = 400, "invalid_request"
+        elif isinstance(err, EngineDeadError):
+            self._dead = f"{type(err).__name__}: {err}"
+            if self.on_fatal:
+                self.on_fatal(self._dead)
+        else:
+            log.exception("vLLM request %s failed", job.req.request_id, exc_info=err)
+        return RequestDone(len(job.prompt), 0, [], dict(job.req.recipe.weights), error=f"{type(err).__name__}: {err}",
+                           error_status=status, error_code=code)
+
+    def _sampling_params(self, job: Job, seq: Seq):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        from .plugin import WEIGHTS_ARG
+
+        sp = job.req.sampling
+        stop_ids = set(sp.stop_token_ids) | (set() if sp.ignore_eos else job.eos_ids)
+        seed = None if sp.seed is None else (sp.seed * 1_000_003 + seq.index) % (2**63)
+        return SamplingParams(
+            n=1, max_tokens=sp.max_tokens, temperature=sp.temperature, top_p=sp.top_p,
+            top_k=sp.top_k if sp.top_k > 0 else 0, min_p=sp.min_p, seed=seed,
+            stop_token_ids=sorted(stop_ids), ignore_eos=True,  # EOS is one of the stop ids (min_tokens blocks them)
+            min_tokens=sp.min_tokens, logprobs=sp.logprobs or 0,  # the chosen token's logprob always
+            presence_penalty=sp.presence_penalty, frequency_penalty=sp.frequency_penalty,
+            repetition_penalty=sp.repetition_penalty, logit_bias=dict(sp.logit_bias) or None,
+            detokenize=False, output_kind=RequestOutputKind.DELTA, extra_args={WEIGHTS_ARG: job.weights})
+
+    async def _run_seq(self, job: Job, seq: Seq) -> None:
+        from vllm.inputs import TokensPrompt
+
+        llm = self.families[job.req.recipe.family].llm
+        k = job.req.sampling.logprobs
+        stream = llm.generate(TokensPrompt(prompt_token_ids=job.prompt), self._sampling_params(job, seq),
+                              request_id=f"{job.req.request_id}#{seq.index}")
+        try:
+            async for out in stream:
+                o = out.outputs[0]
+                for j, tok in enumerate(o.token_ids):
+                    lps = o.logprobs[j] if o.logprobs else {}
+                    ev = TokenEvent(index=seq.index, token_id=tok, text="",
+                                    logprob=lps[tok].logprob if tok in lps else None)
+                    if k:
+                        top = sorted((lp.rank, t, lp.logprob) for t, lp in lps.items() if lp.rank is not None and lp.rank <= k)
+                        ev.top_logprobs = [(t, v) for _, t, v in top[:k]]
+                    job.advance(seq, tok, ev)
+                    if seq.finished:
+                        return
+                if o.finish_reason is not None and not seq.finished:  # vLLM ended first (e.g. aborted)
+                    seq.finish_reason = o.finish_reason
+                    return
+        finally:
+            await stream.aclose()  # a sequence that we end (stop string) is aborted in vLLM at once

@@ -1,0 +1,99 @@
+"""One request inside the vLLM engine: its sequences, and what each generated token turns into.
+
+vLLM samples; the rest follows the native engine token for token (engine/core.py ``_advance``):
+EOS and stop ids end a sequence, stop strings are found by the same incremental detokenizer (so
+text, held-back stop prefixes and the completion's leading space are identical), ``max_tokens``
+gives "length". vLLM is asked for token ids only and never stops on a string itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ...rerank import kl_bound
+from ..detokenizer import IncrementalDetokenizer
+from ..protocol import Candidate, GenerationRequest, RequestDone, SequenceResult, TokenEvent
+
+
+@dataclass
+class Seq:
+    index: int  # 0..best_of-1
+    detok: IncrementalDetokenizer
+    output_ids: list[int] = field(default_factory=list)
+    cum_logprob: float = 0.0
+    events: list[TokenEvent] = field(default_factory=list)  # buffered when best_of > n
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class Job:
+    req: GenerationRequest
+    prompt: list[int]  # the one rendering every policy of the family sees
+    weights: list[float]  # one per policy of the composite, 0 for those the recipe does not use
+    eos_ids: set[int]
+    tokenizer: Any
+    emit: Callable[[Any], None] = lambda ev: None
+    seqs: list[Seq] = field(default_factory=list)
+
+    @property
+    def best_of(self) -> int:
+        return max(self.req.sampling.best_of or 1, self.req.sampling.n)
+
+    @property
+    def buffered(self) -> bool:
+        return self.best_of > self.req.sampling.n
+
+    def new_seq(self, index: int) -> Seq:
+        sp = self.req.sampling
+        detok = IncrementalDetokenizer(self.tokenizer, self.prompt, sp.stop, sp.include_stop_str_in_output,
+                                       sp.skip_special_tokens)
+        seq = Seq(index, detok)
+        self.seqs.append(seq)
+        return seq
+
+    def advance(self, seq: Seq, tok: int, ev: TokenEvent) -> None:
+        """Record one sampled token: finish checks, text release, event out (or into the buffer)."""
+        sp = self.req.sampling
+        seq.output_ids.append(tok)
+        seq.cum_logprob += ev.logprob or 0.0
+        if tok in self.eos_ids and not sp.ignore_eos:
+            seq.finish_reason = "stop"
+        elif tok in sp.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", tok
+        elif seq.detok.add(tok):
+            seq.finish_reason, seq.stop_reason = "stop", seq.detok.stop_reason
+        elif len(seq.output_ids) >= sp.max_tokens:
+            seq.finish_reason = "length"
+        ev.text = seq.detok.release(final=seq.finished)
+        ev.finish_reason = seq.finish_reason
+        if self.buffered:
+            seq.events.append(ev)
+        else:
+            self.emit(ev)
+
+    def done(self, scores: list[float] | None = None) -> RequestDone:
+        """Emit buffered best-of events in rank order; the closing RequestDone."""
+        req = self.req
+        chosen, candidates = self.seqs[: req.sampling.n], None
+        if self.buffered:
+            scores = scores if scores is not None else [s.cum_logprob / max(1, len(s.output_ids)) for s in self.seqs]
+            candidates = [Candidate(s.detok.text, list(s.output_ids), sc, s.finish_reason)
+                          for s, sc in zip(self.seqs, scores)]
+            order = sorted(range(len(self.seqs)), key=lambda i: -scores[i])[: req.sampling.n]
+            chosen = [self.seqs[i] for i in order]
+            for new_index, s in enumerate(chosen):
+                for ev in s.events:
+                    ev.index = new_index
+                    self.emit(ev)
+        results = [SequenceResult(index=i, text=s.detok.text, token_ids=list(s.output_ids),
+                                  finish_reason=s.finish_reason, stop_reason=s.stop_reason)
+                   for i, s in enumerate(chosen)]
+        return RequestDone(prompt_tokens=len(self.prompt), completion_tokens=sum(len(s.output_ids) for s in self.seqs),
+                           sequences=results, weights=dict(req.recipe.weights), candidates=candidates,
+                           kl_bound=kl_bound(len(self.seqs)) if self.buffered else None)
