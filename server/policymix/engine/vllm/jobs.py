@@ -13,7 +13,21 @@ from typing import Any, Callable
 
 from ...rerank import kl_bound
 from ..detokenizer import IncrementalDetokenizer
-from ..protocol import Candidate, GenerationRequest, RequestDone, SequenceResult, TokenEvent
+from ..protocol import Candidate, GenerationRequest, ImplicitRewardSpec, RequestDone, SequenceResult, TokenEvent
+
+
+def default_signal_pair(registry, req: GenerationRequest) -> ImplicitRewardSpec | None:
+    """The (policy, reference, beta) of token signals: the recipe's own, else a registered pair.
+
+    The same rule as the native engine's (engine/core.py ``_default_pair``).
+    """
+    rec = req.recipe
+    for name in ([rec.tuned] if rec.tuned else []) + list(rec.active):
+        p = registry.policies.get(name)
+        ref = rec.reference if name == rec.tuned and rec.reference else (p.spec.reference if p else None)
+        if p is not None and ref is not None:
+            return ImplicitRewardSpec(name, ref, p.beta or 1.0)
+    return None
 
 
 @dataclass
@@ -22,6 +36,9 @@ class Seq:
     detok: IncrementalDetokenizer
     output_ids: list[int] = field(default_factory=list)
     cum_logprob: float = 0.0
+    kl_sum: float = 0.0
+    reward_sum: float = 0.0
+    policy_logprob_sums: dict[str, float] = field(default_factory=dict)
     events: list[TokenEvent] = field(default_factory=list)  # buffered when best_of > n
     finish_reason: str | None = None
     stop_reason: str | int | None = None
@@ -38,6 +55,8 @@ class Job:
     weights: list[float]  # one per policy of the composite, 0 for those the recipe does not use
     eos_ids: set[int]
     tokenizer: Any
+    policies: dict[str, int] = field(default_factory=dict)  # policies whose logprobs are reported -> index
+    signal_pair: ImplicitRewardSpec | None = None
     emit: Callable[[Any], None] = lambda ev: None
     seqs: list[Seq] = field(default_factory=list)
 
@@ -48,6 +67,35 @@ class Job:
     @property
     def buffered(self) -> bool:
         return self.best_of > self.req.sampling.n
+
+    @property
+    def needs_policy_logprobs(self) -> bool:
+        req = self.req
+        return req.return_policy_logprobs or req.return_token_signals or (
+            req.rerank is not None and req.rerank.kind == "implicit")
+
+    def observe(self, ev: TokenEvent, seq: Seq, values: list[float | None], kl: float | None) -> None:
+        """Per-policy logprobs of the token (from the worker), its implicit reward and the step's KL."""
+        pl = {name: values[k] for name, k in self.policies.items()}
+        for name, v in pl.items():
+            seq.policy_logprob_sums[name] = seq.policy_logprob_sums.get(name, 0.0) + v
+        if self.req.return_policy_logprobs or self.req.return_token_signals:
+            ev.policy_logprobs = pl
+        pair = self.signal_pair
+        if pair is not None:
+            ev.implicit_reward = pair.beta * (pl[pair.policy] - pl[pair.reference])
+            ev.kl = kl
+            seq.kl_sum += kl or 0.0
+            seq.reward_sum += ev.implicit_reward
+
+    def scores(self) -> list[float]:
+        """Best-of scores without a reward model: the implicit reward, else the mean mixed logprob."""
+        rr = self.req.rerank
+        if rr is not None and rr.kind == "implicit":
+            spec = rr.implicit
+            return [spec.beta * (s.policy_logprob_sums.get(spec.policy, 0.0) - s.policy_logprob_sums.get(spec.reference, 0.0))
+                    for s in self.seqs]
+        return [s.cum_logprob / max(1, len(s.output_ids)) for s in self.seqs]
 
     def new_seq(self, index: int) -> Seq:
         sp = self.req.sampling
@@ -82,7 +130,7 @@ class Job:
         req = self.req
         chosen, candidates = self.seqs[: req.sampling.n], None
         if self.buffered:
-            scores = scores if scores is not None else [s.cum_logprob / max(1, len(s.output_ids)) for s in self.seqs]
+            scores = scores if scores is not None else self.scores()
             candidates = [Candidate(s.detok.text, list(s.output_ids), sc, s.finish_reason)
                           for s, sc in zip(self.seqs, scores)]
             order = sorted(range(len(self.seqs)), key=lambda i: -scores[i])[: req.sampling.n]
@@ -91,8 +139,11 @@ class Job:
                 for ev in s.events:
                     ev.index = new_index
                     self.emit(ev)
+        signals = self.signal_pair is not None
         results = [SequenceResult(index=i, text=s.detok.text, token_ids=list(s.output_ids),
-                                  finish_reason=s.finish_reason, stop_reason=s.stop_reason)
+                                  finish_reason=s.finish_reason, stop_reason=s.stop_reason,
+                                  kl_to_reference=s.kl_sum if signals else None,
+                                  implicit_reward=s.reward_sum if signals else None)
                    for i, s in enumerate(chosen)]
         return RequestDone(prompt_tokens=len(self.prompt), completion_tokens=sum(len(s.output_ids) for s in self.seqs),
                            sequences=results, weights=dict(req.recipe.weights), candidates=candidates,

@@ -13,6 +13,9 @@ from __future__ import annotations
 ARCH = "MixturePolicyForCausalLM"
 POLICIES_KEY = "policymix_policies"  # config.json key: [{"name", "path", "attr"}, ...]
 WEIGHTS_ARG = "policymix_weights"  # SamplingParams.extra_args key: one weight per policy, in order
+OBSERVE_ARG = "policymix_observe"  # indices of policies whose logprobs are needed at weight 0
+KEY_ARG = "policymix_key"  # present: send this sequence's per-policy logprobs back, under this key
+REFERENCE_ARG = "policymix_reference"  # policy index for the per-step KL(q || pi_ref)
 
 
 def register() -> None:
