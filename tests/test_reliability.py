@@ -141,6 +141,11 @@ def test_guard_with_keys_scopes_and_logs(tiny_registry, caplog):
                 safe_only.completions.create(model=model, prompt="x", max_tokens=2,
                                              extra_body={"mixture": mixture} if mixture else None)
             assert e.value.status_code == 403, (model, mixture)
+        # token signals would run the reference as an observer: refused for this key too
+        with pytest.raises(openai.PermissionDeniedError) as e:
+            safe_only.completions.create(model="safe", prompt="x", max_tokens=2,
+                                         extra_body={"return_token_signals": True})
+        assert "return_token_signals" in e.value.message
     refusals = [(r.key, r.rule, r.weights) for r in caplog.records if r.name == "policymix.guard"]
     assert [(key, "protected floor" in rule) for key, rule, _ in refusals] == [("user", True), ("lab", False)]
     assert refusals[0][2] == JAILBREAK["weights"] and "weight bound" in refusals[1][1]

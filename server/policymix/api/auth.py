@@ -71,6 +71,18 @@ class ApiKey:
             if policy not in allowed:
                 raise _forbidden(f"API key {self.name!r} may not use `{policy}` for reranking", "rerank")
 
+    def authorize_observers(self, policies: list[str], recipe: CompiledRecipe) -> None:
+        """403 unless the key may also use the policies a request only observes (token signals' reference)."""
+        if self.spec.policies is None:
+            return
+        allowed = set(self.spec.policies)
+        if recipe.mixture_name is not None and recipe.mixture_name in allowed:
+            allowed |= set(recipe.weights)
+        for policy in policies:
+            if policy not in allowed:
+                raise _forbidden(f"API key {self.name!r} may not use policy `{policy}`, which return_token_signals "
+                                 "would run", "return_token_signals")
+
     def check_limits(self, max_tokens: int | None, best_of: int) -> None:
         spec = self.spec
         if spec.max_tokens is not None and max_tokens is not None and max_tokens > spec.max_tokens:

@@ -187,6 +187,8 @@ class Serving:
             )
             self._fit_context(req, max_tokens, key)
             requests.append(req)
+        if key is not None and requests:
+            key.authorize_observers(self.engine.policies_used(requests[0]), recipe)
         stream = bool(body.stream)
         include_usage = bool(stream and body.stream_options and body.stream_options.include_usage)
         keep = logprobs is not None or bool(body.return_token_signals)

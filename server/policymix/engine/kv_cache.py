@@ -49,11 +49,12 @@ class SlotKVCache:
         if (new_s, new_c) == (self.slots, self.capacity):
             return
         s, c = self.slots, self.capacity
-        for buf in (self.k, self.v):
-            for i, old in enumerate(buf):
-                new = torch.zeros(new_s, self.kv_heads, new_c, self.head_dim, dtype=self.dtype, device=self.device)
-                new[:s, :, :c] = old
-                buf[i] = new
+        grown = []
+        for old in self.k + self.v:  # allocate everything first: an OOM here leaves the cache as it was
+            new = torch.zeros(new_s, self.kv_heads, new_c, self.head_dim, dtype=self.dtype, device=self.device)
+            new[:s, :, :c] = old
+            grown.append(new)
+        self.k, self.v = grown[: self.num_layers], grown[self.num_layers:]
 
     def begin_step(self, batch: int, write_pos: torch.Tensor, kv_len: int) -> None:
         """Set where the next forward writes: ``write_pos`` [B, Q] cache positions per row."""

@@ -70,6 +70,9 @@ class NativeEngine(EngineClient):
     def prompt_length(self, request: GenerationRequest) -> int:
         return self.core.render(request).prompt_len
 
+    def policies_used(self, request: GenerationRequest) -> list[str]:
+        return list(self.core.render(request).weights)
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
         self._check_open()
         state = self.core.render(request)  # bad input raises here, before anything is queued

@@ -161,6 +161,10 @@ class EngineClient(abc.ABC):
     def prompt_length(self, request: GenerationRequest) -> int:
         """The longest per-policy prompt of the request (raises ContextTooLong past the context)."""
 
+    def policies_used(self, request: GenerationRequest) -> list[str]:
+        """Every policy the request runs: the recipe's plus observers (token signals, implicit rerank)."""
+        return list(request.recipe.active)
+
     @abc.abstractmethod
     def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
         """Submit and stream events; ends with one RequestDone. Raises Overloaded when full."""

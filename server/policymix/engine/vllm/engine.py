@@ -368,27 +368,27 @@ class VllmEngine(EngineClient):
                 texts = [s.detok.text for s in job.seqs]
                 scores = await asyncio.get_running_loop().run_in_executor(
                     None, reward_model_scores, rm, job.req.prompt, texts)
-            job.emit(job.done(scores))
+            final = job.done(scores)
         except asyncio.CancelledError:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)  # each aborts its vLLM request
             me = asyncio.current_task()
-            if expired and not (me is not None and getattr(me, "cancelling", lambda: 0)()):
-                job.emit(RequestDone(len(job.prompt), 0, [], dict(job.req.recipe.weights),
-                                     error="the request waited in the queue longer than its deadline",
-                                     error_status=503, error_code="queue_timeout"))
-                return
-            raise
+            if not expired or (me is not None and getattr(me, "cancelling", lambda: 0)()):
+                raise
+            final = RequestDone(len(job.prompt), 0, [], dict(job.req.recipe.weights),
+                                error="the request waited in the queue longer than its deadline",
+                                error_status=503, error_code="queue_timeout")
         except Exception as err:  # noqa: BLE001 - fail this request, keep serving
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            job.emit(self._failure(job, err))
+            final = self._failure(job, err)
         finally:
             if timer is not None:
                 timer.cancel()
             self._running_seqs -= len(tasks)
+        job.emit(final)  # last: the counts are right when the client sees the end
 
     def _failure(self, job: Job, err: Exception) -> RequestDone:
         from vllm.exceptions import VLLMClientError
