@@ -222,3 +222,11 @@ def test_logprob_tokens_come_from_the_recipes_tokenizer(sdk):
     content = chat.choices[0].logprobs.content
     joined = b"".join(bytes(t.bytes) for t in content).decode("utf-8", errors="replace")
     assert chat.choices[0].message.content and joined.startswith(chat.choices[0].message.content)
+
+
+def test_empty_reward_model_name_is_a_400_naming_the_field(server):
+    import httpx
+
+    r = httpx.post(f"{server.url}/v1/completions", headers={"Authorization": "Bearer user-key"}, json={"model": "base", "prompt": "x", "max_tokens": 2, "best_of": 2,
+                                                      "temperature": 1.0, "rerank": {"reward_model": ""}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "rerank.reward_model"

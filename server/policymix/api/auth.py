@@ -96,7 +96,7 @@ class ApiKey:
 def _rerank_policies(rerank: Any) -> list[str]:
     if rerank is None or isinstance(rerank, str):
         return []
-    if getattr(rerank, "reward_model", None):
+    if getattr(rerank, "reward_model", None) is not None:
         return [rerank.reward_model]
     imp = getattr(rerank, "implicit", None)
     return [imp.policy, imp.reference] if imp is not None else []

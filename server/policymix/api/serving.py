@@ -50,6 +50,7 @@ from .protocol import (
     ModelCardOut,
     ModelList,
     ModelPolicymix,
+    RewardModelRerank,
     TokenizeRequest,
     TokenizeResponse,
     _Common,
@@ -383,7 +384,7 @@ def _rerank(spec: Any) -> RerankSpec | None:
         return None
     if isinstance(spec, str):
         return RerankSpec(kind="logprob")
-    if getattr(spec, "reward_model", None):
+    if isinstance(spec, RewardModelRerank):  # an empty name too: the engine answers 400 naming the field
         return RerankSpec(kind="reward_model", reward_model=spec.reward_model)
     imp = spec.implicit
     return RerankSpec(kind="implicit", implicit=ImplicitRewardSpec(imp.policy, imp.reference, imp.beta))
