@@ -42,11 +42,11 @@ class EngineRun:
 
 
 def registry_from_models(models: dict, tokenizer, max_num_seqs: int = 64, device: str = "cpu",
-                         dtype=torch.float32, max_len: int = 4096) -> Registry:
+                         dtype=torch.float32, max_len: int = 4096, decode: str = "auto") -> Registry:
     """A registry over already-loaded models (benchmarks build them in memory, e.g. on a GPU)."""
     cfg = parse_config({"policies": {name: {"path": f"<memory:{name}>"} for name in models},
                         "server": {"max_num_seqs": max_num_seqs, "max_queue": 100_000,
-                                   "max_model_len": max_len}})
+                                   "max_model_len": max_len, "decode": decode}})
     reg = Registry(cfg)
     for name, model in models.items():
         reg.policies[name] = LoadedPolicy(name=name, spec=cfg.policies[name], model=model, tokenizer=tokenizer,

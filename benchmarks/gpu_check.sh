@@ -9,4 +9,4 @@ if ! python3 -c "import pydantic" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; 
 fi
 export PYTHONUNBUFFERED=1 OUT=${OUT:-gpu_out}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-timeout "${GPU_CHECK_TIMEOUT:-330}" python3 benchmarks/gpu_check.py 2>&1 | tee "$OUT/gpu_check.log"
+timeout "${GPU_CHECK_TIMEOUT:-250}" python3 benchmarks/gpu_check.py 2>&1 | tee "$OUT/gpu_check.log"

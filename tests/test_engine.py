@@ -24,8 +24,17 @@ def full_logprobs(ev, V):
     return row
 
 
-def test_exactness_oracle_continuous_batching(core, tiny_registry):
-    """Random recipes (negative weights too), 10 requests joining and leaving at random steps."""
+@pytest.mark.parametrize("decode", ["dynamic", "static"])
+def test_exactness_oracle_continuous_batching(core, tiny_registry, decode):
+    """Random recipes (negative weights too), 10 requests joining and leaving at random steps.
+
+    ``static``: decode-only steps run with static shapes (padded batch bucket, whole-capacity keys), the
+    path that is replayed as CUDA graphs on a GPU."""
+    from policymix.engine.static_decode import StaticDecoder
+
+    if decode == "static":
+        for runner in core.runners.values():
+            runner.static = StaticDecoder(runner, use_graphs=False)
     rng = random.Random(0)
     V = tiny_registry.policies["base"].vocab_size
     names = ["base", "dpo", "safe", "small", "formal"]
@@ -67,6 +76,8 @@ def test_exactness_oracle_continuous_batching(core, tiny_registry):
     assert core.steps >= 200 and checked >= 500
     assert max(len(c.events) for _, c in cols.values()) > min(len(c.events) for _, c in cols.values())
     assert not any(r.slots for r in core.runners.values())  # every cache slot freed
+    if decode == "static":
+        assert all(r.static.static for r in core.runners.values() if r.forwards)  # the static path ran
 
 
 def test_prompted_policy_sees_its_system_prompt(core, tiny_registry):

@@ -121,6 +121,8 @@ class ServerSpec(_Strict):
     max_best_of: int = Field(default=16, ge=1)
     request_timeout_s: float = Field(default=600.0, gt=0)  # a request queued longer is dropped
     torch_threads: int | None = Field(default=None, ge=1)
+    # decode-only steps: auto = CUDA graphs on a GPU (static shapes), the dynamic path on CPU
+    decode: Literal["auto", "dynamic", "static", "graphs"] = "auto"
     guard: GuardSpec = Field(default_factory=GuardSpec)
     log_prompts: bool = False
 

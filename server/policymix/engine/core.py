@@ -24,6 +24,14 @@ from .sequence import RequestState, Sequence, Status
 log = logging.getLogger("policymix.engine")
 
 
+def _decode_mode(setting: str, device) -> str:
+    """auto: CUDA graphs on a GPU, the general dynamic path elsewhere (graphs need CUDA: static there)."""
+    on_gpu = str(device).startswith("cuda")
+    if setting == "auto":
+        return "graphs" if on_gpu else "dynamic"
+    return "static" if setting == "graphs" and not on_gpu else setting
+
+
 def _has_penalties(sp) -> bool:
     return bool(sp.logit_bias or sp.presence_penalty or sp.frequency_penalty or sp.repetition_penalty != 1.0)
 
@@ -54,7 +62,8 @@ class EngineCore:
                 continue
             tok = p.tokenizer
             pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-            self.runners[name] = PolicyRunner(name, p.model, p.vocab_size, pad, p.device, p.dtype)
+            self.runners[name] = PolicyRunner(name, p.model, p.vocab_size, pad, p.device, p.dtype,
+                                              decode=_decode_mode(srv.decode, p.device))
         self.kv_budget = {n: srv.kv_budget_tokens or srv.max_num_seqs * registry.max_model_len(p.family)
                           for n, p in registry.policies.items()}
         self.reserved: dict[str, int] = defaultdict(int)

@@ -23,6 +23,7 @@ class SlotKVCache:
         # zero-initialised so that reused or padding cells always hold finite values
         self.k = [torch.zeros(slots, kv_heads, capacity, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros_like(t) for t in self.k]
+        self.version = 0  # bumped when buffers are reallocated (captured CUDA graphs point at them)
         self._batch = 0
         self._kv_len = 0
         self._bidx: torch.Tensor | None = None  # [B, Q] row of each written cell
@@ -55,6 +56,7 @@ class SlotKVCache:
             new[:s, :, :c] = old
             grown.append(new)
         self.k, self.v = grown[: self.num_layers], grown[self.num_layers:]
+        self.version += 1
 
     def begin_step(self, batch: int, write_pos: torch.Tensor, kv_len: int) -> None:
         """Set where the next forward writes: ``write_pos`` [B, Q] cache positions per row."""

@@ -13,6 +13,7 @@ import inspect
 import torch
 
 from .kv_cache import SlotKVCache
+from .static_decode import StaticDecoder
 
 
 def _cache_keyword(model) -> str:
@@ -22,7 +23,7 @@ def _cache_keyword(model) -> str:
 
 
 class PolicyRunner:
-    def __init__(self, name: str, model, vocab_size: int, pad_id: int, device, dtype):
+    def __init__(self, name: str, model, vocab_size: int, pad_id: int, device, dtype, decode: str = "dynamic"):
         self.name = name
         self.model = model
         self.vocab_size = vocab_size
@@ -38,6 +39,9 @@ class PolicyRunner:
         self.slots: list = []  # sequences in slot order
         self.lengths: list[int] = []  # tokens cached per slot
         self.forwards = 0  # forward passes run (metrics)
+        # decode-only steps: "dynamic" (the general path below), "static" (static shapes, eager) or
+        # "graphs" (static shapes replayed as CUDA graphs)
+        self.static = StaticDecoder(self, use_graphs=decode == "graphs") if decode != "dynamic" else None
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -71,6 +75,13 @@ class PolicyRunner:
     def forward(self) -> torch.Tensor:
         """Feed every slot's pending tokens; return log-probs of the next token [B, V] (float32)."""
         feeds = [seq.feeds[self.name] for seq in self.slots]
+        if self.static is not None and self.static.applicable(feeds):
+            lp = self.static.run(feeds, self.lengths)
+            for i, f in enumerate(feeds):
+                self.lengths[i] += 1
+                f.clear()
+            self.forwards += 1
+            return lp
         B = len(feeds)
         q = torch.tensor([len(f) for f in feeds])  # [B]
         Q = int(q.max())
