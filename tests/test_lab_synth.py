@@ -9,6 +9,7 @@ import pytest
 from policymix.lab.pairs import load_pairs
 from policymix.lab.synth import (
     EVAL_PROMPTS, RULES, Candidate, choose_pair, concise_reward, friendly_reward, training_prompts,
+    whole_sentences,
 )
 
 PREFS = Path(__file__).resolve().parent.parent / "data" / "prefs"
@@ -39,9 +40,20 @@ def test_friendly_pair_needs_both_signals_and_matches_lengths():
     chosen, rejected = choose_pair("friendly", [long_plain, short_plain, warm, half])
     assert (chosen, rejected) == (warm, short_plain)
     assert choose_pair("friendly", [half, short_plain]) is None
-    assert choose_pair("friendly", [Candidate("Hello! It is", False), short_plain]) is None
+    assert choose_pair("friendly", [Candidate("Hello friend, it is", False), short_plain]) is None  # cut, no '!'
     with pytest.raises(ValueError, match="unknown rule"):
         choose_pair("formal", [warm, short_plain])
+
+
+def test_cut_answers_are_trimmed_to_whole_sentences():
+    assert whole_sentences(Candidate("Hello! The sun is hot. It is", False)) == Candidate("Hello! The sun is hot.", True)
+    assert whole_sentences(Candidate('She said "hi." Then', False)) == Candidate('She said "hi."', True)
+    assert whole_sentences(Candidate("no sentence end", False)) == Candidate("no sentence end", False)
+    assert whole_sentences(Candidate("Done. Really", True)).text == "Done. Really"  # finished answers stay whole
+    # a friendly answer cut by the budget still counts once trimmed, if its whole sentences score 2
+    chosen, _ = choose_pair("friendly", [Candidate("Hello friend! It is Paris. And", False),
+                                         Candidate("It is Paris.", True)])
+    assert chosen.text == "Hello friend! It is Paris."
 
 
 def test_prompts_are_distinct_and_eval_prompts_held_out():

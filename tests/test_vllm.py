@@ -192,7 +192,7 @@ def test_min_tokens_and_logit_bias_with_zero_weight_policies(vengine, nengine, n
     [(vev, vdone)], [(nev, ndone)] = run(vengine, request(vengine, **kw)), run(nengine, request(nengine, **kw))
     assert [e.token_id for e in vev] == [e.token_id for e in nev]
     assert len(vev) == 5 and vev[-1].token_id == eos and eos not in [e.token_id for e in vev[:4]]
-    assert vdone.sequences[0].finish_reason == "stop"
+    assert vdone.sequences[0].finish_reason == ndone.sequences[0].finish_reason == "stop"
     for ve, ne in zip(vev, nev):  # logprobs are of the mixed distribution, before the bias
         assert math.isfinite(ve.logprob) and abs(ve.logprob - ne.logprob) < 1e-4
     # the bias alone decides greedy tokens, the reported logprobs stay unbiased

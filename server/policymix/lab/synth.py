@@ -7,6 +7,7 @@ system prompt): a policy trained on it learns the style without being asked. Rul
 - ``concise``: fewer words is better; pair = shortest finished answer vs longest, at most 60% of its words.
 - ``friendly``: one point for an exclamation mark, one for a friendly word; pair = a 2-point answer vs a
   0-point answer, choosing the two closest in length so that length is not what the pair teaches.
+  Answers cut by the token budget are trimmed back to their last full sentence first.
 
 Usage: ``python -m policymix.lab.synth --rule concise --out data/prefs/concise.jsonl``.
 """
@@ -29,7 +30,8 @@ _TOPICS = [
     "the Roman Empire", "gardening", "sleep", "maps", "mushrooms", "the violin", "deserts", "batteries",
     "friendship", "running", "telescopes", "cheese", "lightning", "trees", "museums", "water",
 ]
-_TEMPLATES = ["Tell me about {t}.", "Explain {t} to me.", "Why should I care about {t}?", "Give me a fun fact about {t}."]
+_TEMPLATES = ["Tell me about {t}.", "Explain {t} to me.", "Why should I care about {t}?", "Give me a fun fact about {t}.",
+              "What should I know about {t}?"]
 
 # Held-out prompts (no topic shared with training) for evaluating trained and mixed policies.
 EVAL_PROMPTS = [
@@ -49,8 +51,9 @@ _FRIENDLY_WORDS = re.compile(
     r"\b(hi|hello|hey|glad|happy|great|wonderful|awesome|fantastic|love|enjoy|hope|friend|welcome|delighted|"
     r"thanks|thank you|cheers|pleasure|amazing|delightful|wonder|fun|dear|cheerful|excited|joy|smile)\b",
     re.IGNORECASE)
-# Per rule: (candidates per prompt, token budget). Friendly answers pass the rule less often: more samples.
-_SAMPLING = {"concise": (4, 64), "friendly": (6, 80)}
+# Per rule: (prompts, candidates per prompt, token budget). Friendly answers pass the rule less often.
+_SAMPLING = {"concise": (160, 4, 64), "friendly": (200, 6, 64)}
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)")
 
 
 def words(text: str) -> int:
@@ -82,6 +85,14 @@ class Candidate:
     finished: bool  # ended with EOS within the token budget
 
 
+def whole_sentences(c: Candidate) -> Candidate:
+    """An answer cut by the token budget, trimmed back to its last full sentence (then it counts as finished)."""
+    if c.finished:
+        return c
+    ends = list(_SENTENCE_END.finditer(c.text))
+    return Candidate(c.text[: ends[-1].end()], True) if ends else c
+
+
 def choose_pair(rule: str, cands: list[Candidate]) -> tuple[Candidate, Candidate] | None:
     """(chosen, rejected) by the rule, or None when no pair is clear enough."""
     cands = [c for c in cands if c.text.strip()]
@@ -93,6 +104,7 @@ def choose_pair(rule: str, cands: list[Candidate]) -> tuple[Candidate, Candidate
         rejected = max(cands, key=lambda c: words(c.text))
         return (chosen, rejected) if words(chosen.text) <= 0.6 * words(rejected.text) else None
     if rule == "friendly":
+        cands = [whole_sentences(c) for c in cands]
         good = [c for c in cands if c.finished and friendly_reward(c.text) == 2]
         bad = [c for c in cands if friendly_reward(c.text) == 0]
         if not good or not bad:
@@ -164,10 +176,10 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m policymix.lab.synth", description=__doc__.splitlines()[0])
     p.add_argument("--rule", required=True, choices=sorted(RULES))
     p.add_argument("--out", required=True)
-    p.add_argument("--prompts", type=int, default=len(_TOPICS) * len(_TEMPLATES))
+    p.add_argument("--prompts", type=int, default=None, help="default: 160 concise, 200 friendly")
     p.add_argument("--samples", type=int, default=None, help="candidates per prompt, half under the style prompt "
                    "(default: 4 concise, 6 friendly)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 64 concise, 80 friendly")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 64")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base", default="embedded")
     p.add_argument("--threads", type=int, default=None)
@@ -177,13 +189,14 @@ def main(argv: list[str]) -> int:
 
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    samples, max_new = _SAMPLING[args.rule]
-    records = generate_set(args.rule, args.prompts, args.samples or samples, args.max_new_tokens or max_new,
+    n_prompts, samples, max_new = _SAMPLING[args.rule]
+    n_prompts = args.prompts or n_prompts
+    records = generate_set(args.rule, n_prompts, args.samples or samples, args.max_new_tokens or max_new,
                            args.seed, base=args.base,
                            progress=lambda msg: print(msg, file=sys.stderr))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_pairs(args.out, records)
-    print(f"wrote {len(records)} {args.rule} pairs from {args.prompts} prompts to {args.out} "
+    print(f"wrote {len(records)} {args.rule} pairs from {n_prompts} prompts to {args.out} "
           f"in {time.perf_counter() - started:.0f} s")
     return 0
 

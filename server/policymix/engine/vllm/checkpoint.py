@@ -40,7 +40,7 @@ def attr_name(i: int) -> str:
             return f"pol_{letters}"
 
 
-def _read_config(path: str) -> dict:
+def read_config(path: str) -> dict:
     f = Path(path, "config.json")
     if f.is_file():
         return json.loads(f.read_text())
@@ -58,7 +58,7 @@ def _fingerprint(path: str) -> list:
 
 
 def composite_config(members: list[Member], vocab_size: int, max_len: int) -> dict:
-    cfg = _read_config(members[0].path)
+    cfg = read_config(members[0].path)
     cfg["architectures"] = [ARCH]
     cfg["vocab_size"] = vocab_size  # the mixed scores have the tokenizer's width (lm_heads are often padded)
     cfg["max_position_embeddings"] = max_len

@@ -12,7 +12,7 @@ serve them all. Each sub-model is an attribute named with letters (``pol_a``...)
 (:mod:`.table`).
 
 Policies that no request of the current batch uses are skipped, in ``compute_logits`` always and
-in ``forward`` when the engine runs eagerly (a captured CUDA graph cannot skip). Their KV cache is
+in ``forward`` when no CUDA graph is captured (a graph replays every sub-model). Their KV cache is
 then not written for those tokens, which is safe because every request's prefix-cache key is
 salted with the set of policies it uses (see ``engine.py``): blocks are shared only between
 requests that ran the same policies on them.
@@ -54,7 +54,9 @@ class MixturePolicyForCausalLM(nn.Module):
         self.members = [dict(m) for m in getattr(hf, POLICIES_KEY)]
         self.key = vllm_config.model_config.model
         self.vocab = int(hf.vocab_size)
-        self.skip_unused = bool(vllm_config.model_config.enforce_eager)
+        graphs = getattr(vllm_config.compilation_config, "cudagraph_mode", None)
+        # a CUDA graph captured at start replays every sub-model; skip only where nothing is captured
+        self.skip_unused = vllm_config.model_config.enforce_eager or graphs is None or graphs.name == "NONE"
         self.secondary_weights = []
         self.hidden_sizes: list[int] = []
         for m in self.members:

@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 from ...config import Config
-from ...errors import ConfigError, Overloaded, PolicymixError
+from ...errors import Overloaded, PolicymixError
 from ...mixing.recipes import CompiledRecipe, compile_recipe
 from ...registry import Registry
 from ..protocol import EngineClient, EngineEvent, GenerationRequest, ModelCard, RequestDone, TokenEvent
 from .catalog import load_catalog
-from .checkpoint import Member, attr_name, build_checkpoint
+from .checkpoint import Member, read_config, attr_name, build_checkpoint
 from .channel import CHANNEL_KEY, Receiver, new_address
 from .jobs import Job, Seq, default_signal_pair
 
@@ -77,8 +77,8 @@ def _eos_ids(path: str, tokenizer) -> set[int]:
 
 
 def _kv_bytes_per_token(path: str, dtype_bytes: int) -> int:
-    cfg = json.loads(Path(path, "config.json").read_text()) if Path(path, "config.json").is_file() else {}
-    text = cfg.get("text_config", cfg)
+    cfg = read_config(path)
+    text = cfg.get("text_config") or cfg
     heads = text.get("num_attention_heads", 1)
     head_dim = text.get("head_dim") or text.get("hidden_size", 64) // heads
     return 2 * text.get("num_hidden_layers", 1) * text.get("num_key_value_heads", heads) * head_dim * dtype_bytes
@@ -203,7 +203,8 @@ class VllmEngine(EngineClient):
         infos = reg.infos()
         for name, recipe in reg.config.mixtures.items():
             c = compile_recipe(recipe, name, infos, reg.config.mixtures)
-            cards.append(ModelCard(name, "mixture", c.family, weights=c.weights, max_model_len=reg.max_model_len(c.family)))
+            cards.append(ModelCard(name, "mixture", c.family, weights=c.weights,
+                                   max_model_len=reg.max_model_len(c.family)))
         return cards
 
     def compile(self, model: str, mixture: Any) -> CompiledRecipe:
@@ -242,7 +243,8 @@ class VllmEngine(EngineClient):
             if rm is None:
                 raise PolicymixError(f"unknown reward model {rr.reward_model!r}", param="rerank.reward_model")
             if rm.kind != "reward":
-                raise PolicymixError(f"{rr.reward_model!r} is a policy, not a reward model", param="rerank.reward_model")
+                raise PolicymixError(f"{rr.reward_model!r} is a policy, not a reward model",
+                                     param="rerank.reward_model")
         pair = req.signals or default_signal_pair(reg, req)
         observers: list[str] = []
         if req.return_token_signals and pair is not None:
@@ -455,10 +457,12 @@ class VllmEngine(EngineClient):
                     ev = TokenEvent(index=seq.index, token_id=tok, text="",
                                     logprob=lps[tok].logprob if tok in lps else None)
                     if k:
-                        top = sorted((lp.rank, t, lp.logprob) for t, lp in lps.items() if lp.rank is not None and lp.rank <= k)
+                        top = sorted((lp.rank, t, lp.logprob) for t, lp in lps.items()
+                                     if lp.rank is not None and lp.rank <= k)
                         ev.top_logprobs = [(t, v) for _, t, v in top[:k]]
                     if watch:  # sent by the worker one engine step later (channel.py)
-                        values, kl = await self._receiver.wait(key, len(seq.output_ids), timeout=POLICY_LOGPROBS_TIMEOUT_S)
+                        values, kl = await self._receiver.wait(key, len(seq.output_ids),
+                                                               timeout=POLICY_LOGPROBS_TIMEOUT_S)
                         job.observe(ev, seq, values, kl)
                     job.advance(seq, tok, ev)
                     if seq.finished:

@@ -93,8 +93,8 @@ class Job:
         rr = self.req.rerank
         if rr is not None and rr.kind == "implicit":
             spec = rr.implicit
-            return [spec.beta * (s.policy_logprob_sums.get(spec.policy, 0.0) - s.policy_logprob_sums.get(spec.reference, 0.0))
-                    for s in self.seqs]
+            sums = [s.policy_logprob_sums for s in self.seqs]
+            return [spec.beta * (x.get(spec.policy, 0.0) - x.get(spec.reference, 0.0)) for x in sums]
         return [s.cum_logprob / max(1, len(s.output_ids)) for s in self.seqs]
 
     def new_seq(self, index: int) -> Seq:
