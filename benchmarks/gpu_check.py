@@ -114,7 +114,7 @@ def graphs_vs_dynamic(models, tok, prompts, max_new=32) -> dict:
     from benchmarks.engine_bench import registry_from_models
 
     from policymix.engine.core import EngineCore
-    from policymix.engine.protocol import GenerationRequest, Prompt, RequestDone, SamplingParams, TokenEvent
+    from policymix.engine.protocol import GenerationRequest, Prompt, SamplingParams, TokenEvent
     from policymix.mixing.recipes import compile_recipe
 
     out = {}

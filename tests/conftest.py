@@ -21,7 +21,7 @@ def tiny_dir(tmp_path_factory):
     from policymix.tiny_models import build_family, build_policy
 
     root = tmp_path_factory.mktemp("tiny")
-    paths = build_family(root, FAMILY, vocab_pad=5)
+    build_family(root, FAMILY, vocab_pad=5)
     build_policy(root / "rm", root / "tokenizer", seed=99, reward=True)
     # a second family: another tokenizer, so mixing across families can be refused
     from policymix.tiny_models import build_tokenizer

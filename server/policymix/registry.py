@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import Config, PolicySpec
-from .engine.protocol import Prompt
+from .engine.protocol import ImplicitRewardSpec, Prompt
 from .errors import ConfigError, ContextTooLong, PolicymixError
 from .mixing.recipes import PolicyInfo
 
@@ -34,6 +34,7 @@ class LoadedPolicy:
     device: Any
     dtype: Any
     beta: float | None = None
+    source: tuple[str, str | None, str | None] | None = None  # (weights path or hub id, gguf file, adapter)
 
     @property
     def kind(self) -> str:
@@ -91,6 +92,17 @@ class Registry:
     def infos(self) -> dict[str, PolicyInfo]:
         return {name: p.info() for name, p in self.policies.items()}
 
+    def default_signal_pair(self, recipe) -> ImplicitRewardSpec | None:
+        """The (policy, reference, beta) of token signals when a request names none: the recipe's own
+        tuned policy and reference (DeRa, MOD), else the first policy of the recipe with a registered
+        reference."""
+        for name in ([recipe.tuned] if recipe.tuned else []) + list(recipe.active):
+            p = self.policies.get(name)
+            ref = recipe.reference if name == recipe.tuned and recipe.reference else (p.spec.reference if p else None)
+            if p is not None and ref is not None:
+                return ImplicitRewardSpec(name, ref, p.beta or 1.0)
+        return None
+
     def family_members(self, family: int) -> list[LoadedPolicy]:
         return [p for p in self.policies.values() if p.family == family]
 
@@ -128,7 +140,7 @@ def _device(name: str) -> str:
     return name
 
 
-def _weights_source(cfg: Config, spec: PolicySpec) -> tuple[str, str | None, str | None]:
+def weights_source(cfg: Config, spec: PolicySpec) -> tuple[str, str | None, str | None]:
     """(model path or hub id, gguf file name, adapter path)."""
     path = cfg.resolve(spec.path)
     adapter = cfg.resolve(spec.adapter) if spec.adapter else None
@@ -188,8 +200,23 @@ def _read_metadata(source: tuple[str, str | None, str | None]) -> dict:
     return {}
 
 
-def load_registry(cfg: Config, progress: Callable[[str], None] | None = None) -> Registry:
-    """Load every policy; raise ConfigError with one line naming the policy and the cause."""
+def _hf_config(path: str) -> dict:
+    """A model's config without loading its weights (local folder, or a hub id through transformers)."""
+    f = Path(path, "config.json")
+    if f.is_file():
+        return json.loads(f.read_text())
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path).to_dict()
+
+
+def load_registry(cfg: Config, progress: Callable[[str], None] | None = None,
+                  load_causal: bool = True) -> Registry:
+    """Load every policy; raise ConfigError with one line naming the policy and the cause.
+
+    ``load_causal=False`` reads causal policies' configs and tokenizers only (their ``model`` stays
+    None, ``source`` says where the weights are): for an engine that loads them in its own processes.
+    """
     reg = Registry(cfg)
     models: dict[tuple, Any] = {}
     tokenizers: dict[tuple, Any] = {}
@@ -200,14 +227,20 @@ def load_registry(cfg: Config, progress: Callable[[str], None] | None = None) ->
         try:
             device = _device(spec.device)
             dtype = _torch_dtype(spec.dtype, device)
-            source = _weights_source(cfg, spec)
-            key = (source, spec.kind, str(dtype), device, spec.revision)
-            if key not in models:
-                models[key] = _load_model(source, spec, dtype, device, spec.revision)
+            source = weights_source(cfg, spec)
+            model = None
+            if load_causal or spec.kind != "causal":
+                key = (source, spec.kind, str(dtype), device, spec.revision)
+                if key not in models:
+                    models[key] = _load_model(source, spec, dtype, device, spec.revision)
+                model = models[key]
+                hf = model.config.to_dict()
+            else:
+                hf = _hf_config(source[0])
             tkey = (source, spec.tokenizer)
             if tkey not in tokenizers:
                 tokenizers[tkey] = _load_tokenizer(cfg, spec, source)
-            model, tok = models[key], tokenizers[tkey]
+            tok = tokenizers[tkey]
         except ConfigError:
             raise
         except Exception as err:  # noqa: BLE001 - any load failure becomes one clear line
@@ -218,16 +251,16 @@ def load_registry(cfg: Config, progress: Callable[[str], None] | None = None) ->
         if family is None:
             family = len(vocabs)
             vocabs.append(vocab)
-        mcfg = model.config
-        out_vocab = getattr(mcfg, "vocab_size", len(tok))
+        out_vocab = int(hf.get("vocab_size") or len(tok))
         if spec.kind == "causal" and out_vocab < len(tok):
             raise ConfigError(f"policies.{name}: the model's vocabulary ({out_vocab}) is smaller than its "
                               f"tokenizer's ({len(tok)})")
         meta = _read_metadata(source)
         reg.policies[name] = LoadedPolicy(
             name=name, spec=spec, model=model, tokenizer=tok, family=family, vocab_size=len(tok),
-            max_len=int(getattr(mcfg, "max_position_embeddings", 2048) or 2048),
+            max_len=int(hf.get("max_position_embeddings") or 2048),
             device=device, dtype=dtype, beta=spec.beta if spec.beta is not None else meta.get("beta"),
+            source=source,
         )
     for name, spec in cfg.policies.items():
         if spec.reference and reg.policies[spec.reference].family != reg.policies[name].family:

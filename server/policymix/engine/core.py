@@ -16,7 +16,8 @@ from ..errors import Overloaded, PolicymixError
 from ..rerank import kl_bound, reward_model_scores
 from ..registry import Registry
 from .detokenizer import IncrementalDetokenizer
-from .protocol import Candidate, GenerationRequest, ImplicitRewardSpec, RequestDone, SequenceResult, TokenEvent
+from .protocol import Candidate, GenerationRequest, RequestDone, SequenceResult, TokenEvent
+from .requests import check_request
 from .runner import PolicyRunner
 from .sampler import apply_penalties, sample_token
 from .sequence import RequestState, Sequence, Status
@@ -76,47 +77,12 @@ class EngineCore:
 
     # ----- requests in and out -----------------------------------------------------------------
 
-    def _check_sampling(self, req: GenerationRequest) -> None:
-        sp, rr = req.sampling, req.rerank
-        reg = self.registry.policies
-        best_of = sp.best_of or sp.n
-        if best_of < sp.n:
-            raise PolicymixError(f"best_of ({best_of}) must be >= n ({sp.n})", param="best_of")
-        if best_of > self.registry.config.server.max_best_of:
-            raise PolicymixError(f"best_of {best_of} is above the server's maximum "
-                                 f"{self.registry.config.server.max_best_of}", param="best_of")
-        if best_of > sp.n and sp.temperature == 0:
-            raise PolicymixError("best_of > n with temperature 0 would give identical candidates", param="best_of")
-        if rr is not None and rr.kind == "reward_model":
-            rm = reg.get(rr.reward_model)
-            if rm is None:
-                raise PolicymixError(f"unknown reward model {rr.reward_model!r}", param="rerank.reward_model")
-            if rm.kind != "reward":
-                raise PolicymixError(f"{rr.reward_model!r} is a policy, not a reward model", param="rerank.reward_model")
-        if rr is not None and rr.kind == "implicit":
-            spec = rr.implicit
-            if spec is None or not (spec.beta > 0):
-                raise PolicymixError("rerank.implicit.beta must be > 0", param="rerank.implicit.beta")
-        if req.signals is not None and not (req.signals.beta > 0):
-            raise PolicymixError("signals.beta must be > 0", param="signals.beta")
-
     def render(self, req: GenerationRequest) -> RequestState:
         """Resolve the policies a request runs and render its prompt for each (raises on bad input)."""
         reg = self.registry
-        self._check_sampling(req)
+        pair, observers = check_request(reg, req)
         weights = dict(req.recipe.active)
-        pair = req.signals or self._default_pair(req)
-        observers: list[str] = []
-        if req.return_token_signals and pair is not None:
-            observers += [pair.policy, pair.reference]
-        if req.rerank is not None and req.rerank.kind == "implicit":
-            observers += [req.rerank.implicit.policy, req.rerank.implicit.reference]
         for name in observers:
-            if name not in reg.policies or reg.policies[name].kind != "causal":
-                raise PolicymixError(f"unknown policy {name!r} for signals / rerank", param="rerank.implicit")
-            if reg.policies[name].family != req.recipe.family:
-                raise PolicymixError(f"policy {name!r} uses a different tokenizer than the mixture",
-                                     param="rerank.implicit")
             weights.setdefault(name, 0.0)
         prompts = {name: reg.policies[name].render(req.prompt) for name in weights}
         first = reg.policies[next(iter(weights))]
@@ -141,18 +107,6 @@ class EngineCore:
                     f"the request needs {state.reserved_tokens(p)} KV-cache tokens of policy {p} "
                     f"(best_of x (prompt + max_tokens)), more than its budget of {self.kv_budget[p]}",
                     param="max_tokens")
-
-    def _default_pair(self, req: GenerationRequest) -> ImplicitRewardSpec | None:
-        """The (policy, reference, beta) of token signals: the recipe's own, else a registered pair."""
-        reg = self.registry.policies
-        rec = req.recipe
-        candidates = ([rec.tuned] if rec.tuned else []) + list(rec.active)
-        for name in candidates:
-            p = reg.get(name)
-            ref = rec.reference if name == rec.tuned and rec.reference else (p.spec.reference if p else None)
-            if p is not None and ref is not None:
-                return ImplicitRewardSpec(name, ref, p.beta or 1.0)
-        return None
 
     def add(self, state: RequestState) -> None:
         self._admit()  # what fits runs now: a burst on an idle engine is not refused for want of a step

@@ -14,15 +14,15 @@ from typing import Any, AsyncIterator, Callable
 
 from ..config import Config
 from ..errors import Overloaded, PolicymixError
-from ..mixing.recipes import CompiledRecipe, compile_recipe
 from ..registry import Registry, load_registry
 from .core import EngineCore
-from .protocol import EngineClient, EngineEvent, GenerationRequest, ModelCard, RequestDone
+from .protocol import EngineEvent, GenerationRequest, RequestDone
+from .requests import RegistryEngineClient
 
 log = logging.getLogger("policymix.engine")
 
 
-class NativeEngine(EngineClient):
+class NativeEngine(RegistryEngineClient):
     def __init__(self, registry: Registry):
         self.registry = registry
         self.core = EngineCore(registry)
@@ -46,26 +46,6 @@ class NativeEngine(EngineClient):
         return cls(load_registry(cfg, progress=report))
 
     # ----- EngineClient ------------------------------------------------------------------------
-
-    def models(self) -> list[ModelCard]:
-        reg = self.registry
-        cards = [ModelCard(name, "policy" if p.kind == "causal" else "reward", p.family,
-                           max_model_len=reg.max_model_len(p.family)) for name, p in reg.policies.items()]
-        infos = reg.infos()
-        for name, recipe in reg.config.mixtures.items():
-            c = compile_recipe(recipe, name, infos, reg.config.mixtures)
-            cards.append(ModelCard(name, "mixture", c.family, weights=c.weights, max_model_len=reg.max_model_len(c.family)))
-        return cards
-
-    def compile(self, model: str, mixture: Any) -> CompiledRecipe:
-        return compile_recipe(mixture, model, self.registry.infos(), self.registry.config.mixtures)
-
-    def tokenizer(self, model: str) -> Any:
-        reg = self.registry
-        if model in reg.policies:
-            return reg.policies[model].tokenizer
-        family = self.compile(model, None).family
-        return reg.family_members(family)[0].tokenizer
 
     def prompt_length(self, request: GenerationRequest) -> int:
         return self.core.render(request).prompt_len

@@ -23,13 +23,13 @@ from typing import Any, AsyncIterator, Callable
 
 from ...config import Config
 from ...errors import Overloaded, PolicymixError
-from ...mixing.recipes import CompiledRecipe, compile_recipe
 from ...registry import Registry
-from ..protocol import EngineClient, EngineEvent, GenerationRequest, ModelCard, RequestDone, TokenEvent
+from ..protocol import EngineEvent, GenerationRequest, RequestDone, TokenEvent
+from ..requests import RegistryEngineClient, check_request
 from .catalog import load_catalog
 from .checkpoint import Member, read_config, attr_name, build_checkpoint
 from .channel import CHANNEL_KEY, Receiver, new_address
-from .jobs import Job, Seq, default_signal_pair
+from .jobs import Job, Seq
 
 log = logging.getLogger("policymix.engine.vllm")
 
@@ -84,7 +84,7 @@ def _kv_bytes_per_token(path: str, dtype_bytes: int) -> int:
     return 2 * text.get("num_hidden_layers", 1) * text.get("num_key_value_heads", heads) * head_dim * dtype_bytes
 
 
-class VllmEngine(EngineClient):
+class VllmEngine(RegistryEngineClient):
     def __init__(self, registry: Registry, paths: dict[str, str], settings: VllmSettings | None = None,
                  progress: Callable[[str], None] | None = None):
         self.registry = registry
@@ -196,26 +196,6 @@ class VllmEngine(EngineClient):
 
     # ----- EngineClient -----------------------------------------------------------------------
 
-    def models(self) -> list[ModelCard]:
-        reg = self.registry
-        cards = [ModelCard(name, "policy" if p.kind == "causal" else "reward", p.family,
-                           max_model_len=reg.max_model_len(p.family)) for name, p in reg.policies.items()]
-        infos = reg.infos()
-        for name, recipe in reg.config.mixtures.items():
-            c = compile_recipe(recipe, name, infos, reg.config.mixtures)
-            cards.append(ModelCard(name, "mixture", c.family, weights=c.weights,
-                                   max_model_len=reg.max_model_len(c.family)))
-        return cards
-
-    def compile(self, model: str, mixture: Any) -> CompiledRecipe:
-        return compile_recipe(mixture, model, self.registry.infos(), self.registry.config.mixtures)
-
-    def tokenizer(self, model: str) -> Any:
-        reg = self.registry
-        if model in reg.policies:
-            return reg.policies[model].tokenizer
-        return reg.family_members(self.compile(model, None).family)[0].tokenizer
-
     def prompt_length(self, request: GenerationRequest) -> int:
         return len(self._job(request).prompt)
 
@@ -225,39 +205,8 @@ class VllmEngine(EngineClient):
         for name in req.recipe.active:
             if name in self.unservable:
                 raise PolicymixError(self.unservable[name], param="mixture" if req.recipe.form != "single" else "model")
-        best_of = sp.best_of or sp.n
-        if best_of < sp.n:
-            raise PolicymixError(f"best_of ({best_of}) must be >= n ({sp.n})", param="best_of")
-        if best_of > reg.config.server.max_best_of:
-            raise PolicymixError(f"best_of {best_of} is above the server's maximum {reg.config.server.max_best_of}",
-                                 param="best_of")
-        if best_of > sp.n and sp.temperature == 0:
-            raise PolicymixError("best_of > n with temperature 0 would give identical candidates", param="best_of")
-        rr = req.rerank
-        if rr is not None and rr.kind == "implicit" and (rr.implicit is None or not rr.implicit.beta > 0):
-            raise PolicymixError("rerank.implicit.beta must be > 0", param="rerank.implicit.beta")
-        if req.signals is not None and not req.signals.beta > 0:
-            raise PolicymixError("signals.beta must be > 0", param="signals.beta")
-        if rr is not None and rr.kind == "reward_model":
-            rm = reg.policies.get(rr.reward_model)
-            if rm is None:
-                raise PolicymixError(f"unknown reward model {rr.reward_model!r}", param="rerank.reward_model")
-            if rm.kind != "reward":
-                raise PolicymixError(f"{rr.reward_model!r} is a policy, not a reward model",
-                                     param="rerank.reward_model")
-        pair = req.signals or default_signal_pair(reg, req)
-        observers: list[str] = []
-        if req.return_token_signals and pair is not None:
-            observers += [pair.policy, pair.reference]
-        if rr is not None and rr.kind == "implicit":
-            observers += [rr.implicit.policy, rr.implicit.reference]
+        pair, observers = check_request(reg, req)
         for name in observers:
-            p = reg.policies.get(name)
-            if p is None or p.kind != "causal":
-                raise PolicymixError(f"unknown policy {name!r} for signals / rerank", param="rerank.implicit")
-            if p.family != req.recipe.family:
-                raise PolicymixError(f"policy {name!r} uses a different tokenizer than the mixture",
-                                     param="rerank.implicit")
             if name in self.unservable:
                 raise PolicymixError(self.unservable[name], param="rerank.implicit")
         fam = self.families[req.recipe.family]

@@ -16,20 +16,6 @@ from ..detokenizer import IncrementalDetokenizer
 from ..protocol import Candidate, GenerationRequest, ImplicitRewardSpec, RequestDone, SequenceResult, TokenEvent
 
 
-def default_signal_pair(registry, req: GenerationRequest) -> ImplicitRewardSpec | None:
-    """The (policy, reference, beta) of token signals: the recipe's own, else a registered pair.
-
-    The same rule as the native engine's (engine/core.py ``_default_pair``).
-    """
-    rec = req.recipe
-    for name in ([rec.tuned] if rec.tuned else []) + list(rec.active):
-        p = registry.policies.get(name)
-        ref = rec.reference if name == rec.tuned and rec.reference else (p.spec.reference if p else None)
-        if p is not None and ref is not None:
-            return ImplicitRewardSpec(name, ref, p.beta or 1.0)
-    return None
-
-
 @dataclass
 class Seq:
     index: int  # 0..best_of-1
