@@ -142,3 +142,14 @@ def test_serve_exits_3_when_the_engine_dies(tiny_yaml, monkeypatch, capsys):
     monkeypatch.setenv("POLICYMIX_API_KEY", "")
     assert main(["serve", "--config", str(tiny_yaml), "--port", str(_free_port()), "--log-level", "error"]) == 3
     assert "the engine stopped: RuntimeError: boom" in capsys.readouterr().err
+
+
+def test_train_routes_to_the_dpo_trainer(capsys):
+    from policymix.cli import main
+
+    assert main(["train", "ppo"]) == 2
+    assert "policymix train: error:" in capsys.readouterr().err
+    pytest.importorskip("trl", reason="the lab extra is not installed (make install-lab)")
+    with pytest.raises(SystemExit) as done:
+        main(["train", "dpo", "--help"])
+    assert done.value.code == 0 and "--pairs" in capsys.readouterr().out

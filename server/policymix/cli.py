@@ -61,7 +61,7 @@ def _weights(value: str) -> list[float]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="policymix", description="Serve mixtures of language-model policies behind the OpenAI API.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{serve,demo,sweep}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{serve,demo,sweep,train}")
 
     s = sub.add_parser("serve", help="serve the OpenAI-compatible API", epilog=SERVE_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     # listed here for --help; main() hands its arguments to policymix.sweep unparsed
     sub.add_parser("sweep", add_help=False, help="reward and KL-to-reference over mixture weights "
                    "(policymix sweep --help)")
+    sub.add_parser("train", add_help=False, help="train policies to mix: `policymix train dpo --help` "
+                   "(needs the lab extra: make install-lab)")
     return p
 
 
@@ -107,6 +109,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .sweep import main as sweep_main
 
         return sweep_main(argv[1:])
+    if argv[:1] == ["train"]:
+        if argv[1:2] != ["dpo"]:
+            print("policymix train: error: the trainer to run is `dpo` (policymix train dpo --help)", file=sys.stderr)
+            return EXIT_USAGE
+        from .lab.dpo import main as dpo_main
+
+        return dpo_main(argv[2:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
