@@ -254,6 +254,28 @@ class EngineCore:
                 for state in family_states:
                     self._fail(state, *_failure(err, "while mixing"))
 
+    @staticmethod
+    def _mix(seqs: list[Sequence], policies: set[str], logps) -> tuple[torch.Tensor, bool]:
+        """mixed [S, V] = sum_k w_k * log_softmax(l_k) per row (rows in ``seqs`` order), and whether it is
+        one policy at weight 1 for every row (then it is that policy's log-probs, gathered, not summed)."""
+        active = [{p: w for p, w in s.request.weights.items() if w != 0.0} for s in seqs]
+        if len(policies) >= 1 and all(a.keys() == active[0].keys() and list(a.values()) == [1.0] for a in active):
+            lp, slot_of = logps[next(iter(active[0]))]
+            perm = [slot_of[s.seq_id] for s in seqs]
+            return (lp if perm == list(range(lp.shape[0])) else lp[torch.tensor(perm, device=lp.device)]), True
+        lp0 = logps[next(iter(policies))][0]
+        mixed = torch.zeros(len(seqs), lp0.shape[1], dtype=torch.float32, device=lp0.device)  # [S, V]
+        for p in policies:
+            lp, slot_of = logps[p]
+            members = [(s.row, slot_of[s.seq_id], s.request.weights[p]) for s in seqs
+                       if s.seq_id in slot_of and s.request.weights.get(p, 0.0) != 0.0]
+            if not members:
+                continue
+            rows, slots, w = zip(*members)
+            w = torch.tensor(w, dtype=torch.float32, device=lp.device)[:, None]
+            mixed.index_add_(0, torch.tensor(rows, device=lp.device), w * lp[torch.tensor(slots, device=lp.device)])
+        return mixed, False
+
     def _by_family(self) -> dict[int, list[RequestState]]:
         groups: dict[int, list[RequestState]] = defaultdict(list)
         for state in self.running:
@@ -268,18 +290,7 @@ class EngineCore:
         for row, seq in enumerate(seqs):
             seq.row = row
         policies = {p for st in states for p in st.weights if p in logps}
-        lp0 = logps[next(iter(policies))][0]
-        V, device = lp0.shape[1], lp0.device
-        mixed = torch.zeros(len(seqs), V, dtype=torch.float32, device=device)  # [S, V]
-        for p in policies:
-            lp, slot_of = logps[p]
-            members = [(s.row, slot_of[s.seq_id], s.request.weights[p]) for s in seqs
-                       if s.seq_id in slot_of and s.request.weights.get(p, 0.0) != 0.0]
-            if not members:
-                continue
-            rows, slots, w = zip(*members)
-            w = torch.tensor(w, dtype=torch.float32, device=device)[:, None]
-            mixed.index_add_(0, torch.tensor(rows, device=device), w * lp[torch.tensor(slots, device=device)])
+        mixed, single = self._mix(seqs, policies, logps)
         # n > 1: siblings join now with the leader's prompt cache and its first-step scores
         sources = [s.row for s in seqs]
         for st in states:
@@ -295,12 +306,18 @@ class EngineCore:
                     sources.append(leader.row)
                     seqs.append(sib)
         if len(sources) > mixed.shape[0]:
-            mixed = mixed[torch.tensor(sources, device=device)]
-        lse = torch.logsumexp(mixed, dim=-1)  # [S]
+            mixed = mixed[torch.tensor(sources, device=mixed.device)]
+        if single:  # rows are already log_softmax: lse is 0; amax still flags a NaN row (cheaper than lse)
+            lse = torch.zeros(mixed.shape[0], device=mixed.device)
+            finite = torch.isfinite(mixed.amax(dim=-1))
+        else:
+            lse = torch.logsumexp(mixed, dim=-1)  # [S]
+            finite = torch.isfinite(lse)
+        device = mixed.device
         self.timers["mix"] += time.perf_counter() - t
 
         t = time.perf_counter()
-        bad = (~torch.isfinite(lse)).tolist()  # one host sync, not one per row
+        bad = (~finite).tolist()  # one host sync, not one per row
         tokens: list[int | None] = [None] * len(seqs)
         errors: dict[int, BaseException] = {}  # row -> exception while sampling it (fails only its request)
         plain = []  # greedy rows with nothing to apply: one batched argmax
