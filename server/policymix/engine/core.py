@@ -15,7 +15,7 @@ import torch
 from ..errors import Overloaded, PolicymixError
 from ..rerank import kl_bound, reward_model_scores
 from ..registry import Registry
-from .detokenizer import IncrementalDetokenizer
+from .detokenizer import IncrementalDetokenizer, finish_reason
 from .protocol import Candidate, GenerationRequest, RequestDone, SequenceResult, TokenEvent
 from .requests import check_request
 from .runner import PolicyRunner
@@ -411,17 +411,7 @@ class EngineCore:
             state.first_token_time = time.monotonic()
         seq.output_ids.append(tok)
         seq.cum_logprob += ev.logprob
-        stopped = False
-        if tok in state.eos_ids and not sp.ignore_eos:
-            seq.finish_reason = "stop"
-        elif tok in sp.stop_token_ids:
-            seq.finish_reason, seq.stop_reason = "stop", tok
-        else:
-            stopped = seq.detok.add(tok)
-            if stopped:
-                seq.finish_reason, seq.stop_reason = "stop", seq.detok.stop_reason
-            elif len(seq.output_ids) >= sp.max_tokens:
-                seq.finish_reason = "length"
+        seq.finish_reason, seq.stop_reason = finish_reason(tok, len(seq.output_ids), state.eos_ids, sp, seq.detok)
         ev.text = seq.detok.release(final=seq.finished)
         ev.finish_reason = seq.finish_reason
         if state.buffered:

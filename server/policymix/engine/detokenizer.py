@@ -68,3 +68,18 @@ class IncrementalDetokenizer:
             if any(s.startswith(tail) for s in self.stop):
                 return n
         return 0
+
+
+def finish_reason(tok: int, n_generated: int, eos_ids: set[int], sp, detok: IncrementalDetokenizer
+                  ) -> tuple[str | None, str | int | None]:
+    """(finish_reason, stop_reason) after the ``n_generated``-th token ``tok`` (both engines' rules):
+    EOS unless ignore_eos, a stop token id, a stop string found in the new text, max_tokens."""
+    if tok in eos_ids and not sp.ignore_eos:
+        return "stop", None
+    if tok in sp.stop_token_ids:
+        return "stop", tok
+    if detok.add(tok):
+        return "stop", detok.stop_reason
+    if n_generated >= sp.max_tokens:
+        return "length", None
+    return None, None

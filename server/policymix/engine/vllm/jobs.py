@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ...rerank import kl_bound
-from ..detokenizer import IncrementalDetokenizer
+from ..detokenizer import IncrementalDetokenizer, finish_reason
 from ..protocol import Candidate, GenerationRequest, ImplicitRewardSpec, RequestDone, SequenceResult, TokenEvent
 
 
@@ -96,14 +96,7 @@ class Job:
         sp = self.req.sampling
         seq.output_ids.append(tok)
         seq.cum_logprob += ev.logprob or 0.0
-        if tok in self.eos_ids and not sp.ignore_eos:
-            seq.finish_reason = "stop"
-        elif tok in sp.stop_token_ids:
-            seq.finish_reason, seq.stop_reason = "stop", tok
-        elif seq.detok.add(tok):
-            seq.finish_reason, seq.stop_reason = "stop", seq.detok.stop_reason
-        elif len(seq.output_ids) >= sp.max_tokens:
-            seq.finish_reason = "length"
+        seq.finish_reason, seq.stop_reason = finish_reason(tok, len(seq.output_ids), self.eos_ids, sp, seq.detok)
         ev.text = seq.detok.release(final=seq.finished)
         ev.finish_reason = seq.finish_reason
         if self.buffered:
