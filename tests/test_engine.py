@@ -39,7 +39,9 @@ def test_exactness_oracle_continuous_batching(core, tiny_registry, decode):
     V = tiny_registry.policies["base"].vocab_size
     names = ["base", "dpo", "safe", "small", "formal"]
     prompts = ["Hello world", "Paris is the capital", "A policy is", "The quick brown fox jumps over",
-               "Numbers: 1 2 3", "Alignment researchers tune", "How are you today?", "café naïve", "x", "Please"]
+               "Numbers: 1 2 3", "Alignment researchers tune", "How are you today?", "café naïve", "x",
+               "Please answer formally and concisely: the quick brown fox jumps over the lazy dog, "
+               "and alignment researchers tune language models with preferences."]
     plan = []  # (join step, request)
     for i, text in enumerate(prompts):
         chosen = rng.sample(names, rng.randint(1, 3))
@@ -78,6 +80,8 @@ def test_exactness_oracle_continuous_batching(core, tiny_registry, decode):
     assert not any(r.slots for r in core.runners.values())  # every cache slot freed
     if decode == "static":
         assert all(r.static.static for r in core.runners.values() if r.forwards)  # the static path ran
+    else:
+        assert sum(r.split_steps for r in core.runners.values()) > 0  # joins ran apart from decoding rows
 
 
 def test_prompted_policy_sees_its_system_prompt(core, tiny_registry):

@@ -46,7 +46,8 @@ def test_friendly_pair_needs_both_signals_and_matches_lengths():
 
 
 def test_cut_answers_are_trimmed_to_whole_sentences():
-    assert whole_sentences(Candidate("Hello! The sun is hot. It is", False)) == Candidate("Hello! The sun is hot.", True)
+    cut = Candidate("Hello! The sun is hot. It is", False)
+    assert whole_sentences(cut) == Candidate("Hello! The sun is hot.", True)
     assert whole_sentences(Candidate('She said "hi." Then', False)) == Candidate('She said "hi."', True)
     assert whole_sentences(Candidate("no sentence end", False)) == Candidate("no sentence end", False)
     assert whole_sentences(Candidate("Done. Really", True)).text == "Done. Really"  # finished answers stay whole

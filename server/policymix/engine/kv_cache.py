@@ -24,6 +24,7 @@ class SlotKVCache:
         self.k = [torch.zeros(slots, kv_heads, capacity, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros_like(t) for t in self.k]
         self.version = 0  # bumped when buffers are reallocated (captured CUDA graphs point at them)
+        self._first = 0
         self._batch = 0
         self._kv_len = 0
         self._bidx: torch.Tensor | None = None  # [B, Q] row of each written cell
@@ -58,19 +59,22 @@ class SlotKVCache:
         self.k, self.v = grown[: self.num_layers], grown[self.num_layers:]
         self.version += 1
 
-    def begin_step(self, batch: int, write_pos: torch.Tensor, kv_len: int) -> None:
-        """Set where the next forward writes: ``write_pos`` [B, Q] cache positions per row."""
+    def begin_step(self, batch: int, write_pos: torch.Tensor, kv_len: int, first: int = 0) -> None:
+        """Set where the next forward writes: rows are slots [first, first + batch), ``write_pos`` [B, Q]
+        their cache positions."""
+        self._first = first
         self._batch = batch
         self._kv_len = kv_len
         self._widx = write_pos
-        self._bidx = torch.arange(batch, device=write_pos.device)[:, None].expand_as(write_pos)
+        self._bidx = torch.arange(first, first + batch, device=write_pos.device)[:, None].expand_as(write_pos)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         # key_states: [B, H, Q, D] -> cells K[b, :, widx[b, q]] (advanced indices first: [B, Q, H, D])
         k, v = self.k[layer_idx], self.v[layer_idx]
         k[self._bidx, :, self._widx] = key_states.transpose(1, 2)
         v[self._bidx, :, self._widx] = value_states.transpose(1, 2)
-        return k[: self._batch, :, : self._kv_len], v[: self._batch, :, : self._kv_len]
+        rows = slice(self._first, self._first + self._batch)
+        return k[rows, :, : self._kv_len], v[rows, :, : self._kv_len]
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         """Copy the first ``length`` positions of slot ``src`` into ``dst`` (compaction, n > 1 forks)."""

@@ -1,9 +1,10 @@
 """One policy's batched forward over exactly the sequences that use it.
 
 Prefill and decode share one forward: a joining sequence feeds its prompt, the others their last
-token. Rows are left-padded to the longest feed Q; each row gets explicit positions and an additive
-4D mask, and writes its keys at its own cache positions (padding lands in future cells that are
-masked now and overwritten later).
+token (unless padding every decoding row to the prompt would cost more than a second forward: then
+the joining rows, a suffix of the slots, run apart). Rows are left-padded to the longest feed Q;
+each row gets explicit positions and an additive 4D mask, and writes its keys at its own cache
+positions (padding lands in future cells that are masked now and overwritten later).
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import torch
 
 from .kv_cache import SlotKVCache
 from .static_decode import StaticDecoder
+
+
+SPLIT_PADDING_TOKENS = 32  # padding cells above which prefill and decode rows run as two forwards
 
 
 def _cache_keyword(model) -> str:
@@ -39,6 +43,7 @@ class PolicyRunner:
         self.slots: list = []  # sequences in slot order
         self.lengths: list[int] = []  # tokens cached per slot
         self.forwards = 0  # forward passes run (metrics)
+        self.split_steps = 0  # steps whose joining prompts ran apart from the decoding rows
         # decode-only steps: "dynamic" (the general path below), "static" (static shapes, eager) or
         # "graphs" (static shapes replayed as CUDA graphs)
         self.static = StaticDecoder(self, use_graphs=decode == "graphs") if decode != "dynamic" else None
@@ -75,21 +80,40 @@ class PolicyRunner:
     def forward(self) -> torch.Tensor:
         """Feed every slot's pending tokens; return log-probs of the next token [B, V] (float32)."""
         feeds = [seq.feeds[self.name] for seq in self.slots]
-        if self.static is not None and self.static.applicable(feeds):
-            lp = self.static.run(feeds, self.lengths)
-            for i, f in enumerate(feeds):
-                self.lengths[i] += 1
-                f.clear()
-            self.forwards += 1
-            return lp
-        B = len(feeds)
-        q = torch.tensor([len(f) for f in feeds])  # [B]
-        Q = int(q.max())
-        L = torch.tensor(self.lengths)  # [B]
-        kv_len = int((L + Q).max())
-        self.cache.reserve(B, kv_len)
-        ids = torch.full((B, Q), self.pad_id, dtype=torch.long)
+        parts = self._parts(feeds)
+        lps = [self._forward_rows(feeds, lo, hi, whole=len(parts) == 1) for lo, hi in parts]
+        self.split_steps += len(parts) > 1
         for i, f in enumerate(feeds):
+            self.lengths[i] += len(f)
+            f.clear()
+        self.forwards += 1
+        return lps[0] if len(lps) == 1 else torch.cat(lps)
+
+    @staticmethod
+    def _parts(feeds: list[list[int]]) -> list[tuple[int, int]]:
+        """Row ranges run as separate forwards. Joining sequences are appended, so their prompts form a
+        suffix of the slots; when padding every decoding row to the prompt length would cost more than a
+        second forward, the decoding rows [0, s) and the joining ones [s, B) run apart."""
+        B = len(feeds)
+        s = next((i for i, f in enumerate(feeds) if len(f) != 1), B)
+        if s in (0, B):
+            return [(0, B)]
+        Q = max(len(f) for f in feeds[s:])
+        return [(0, s), (s, B)] if s * (Q - 1) > SPLIT_PADDING_TOKENS else [(0, B)]
+
+    def _forward_rows(self, feeds: list[list[int]], lo: int, hi: int, whole: bool) -> torch.Tensor:
+        part, lengths = feeds[lo:hi], self.lengths[lo:hi]
+        # the static path pads up to a bucket with rows past the batch: only safe when no slot follows
+        if whole and self.static is not None and self.static.applicable(part):
+            return self.static.run(part, lengths)
+        B = len(part)
+        q = torch.tensor([len(f) for f in part])  # [B]
+        Q = int(q.max())
+        L = torch.tensor(lengths)  # [B]
+        kv_len = int((L + Q).max())
+        self.cache.reserve(hi, kv_len)
+        ids = torch.full((B, Q), self.pad_id, dtype=torch.long)
+        for i, f in enumerate(part):
             ids[i, Q - len(f):] = torch.tensor(f, dtype=torch.long)
         j = torch.arange(Q)[None, :]  # [1, Q]
         off = (Q - q)[:, None]  # [B, 1] left padding per row
@@ -99,14 +123,10 @@ class PolicyRunner:
         keys = torch.arange(kv_len)[None, None, :]  # [1, 1, K]
         mask = torch.where(keys <= pos[:, :, None], 0.0, self.mask_min).to(self.dtype)[:, None]  # [B, 1, Q, K]
         pos = pos.to(self.device)
-        self.cache.begin_step(B, pos, kv_len)
+        self.cache.begin_step(B, pos, kv_len, first=lo)
         out = self.model(
             input_ids=ids.to(self.device), attention_mask=mask.to(self.device), position_ids=pos,
             use_cache=True, logits_to_keep=1, **{self.cache_kw: self.cache},
         )
-        for i, f in enumerate(feeds):
-            self.lengths[i] += len(f)
-            f.clear()
-        self.forwards += 1
         logits = out.logits[:, -1, : self.vocab_size].float()  # [B, V]; padded lm_head rows cut
         return torch.log_softmax(logits, dim=-1)

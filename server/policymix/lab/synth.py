@@ -30,8 +30,10 @@ _TOPICS = [
     "the Roman Empire", "gardening", "sleep", "maps", "mushrooms", "the violin", "deserts", "batteries",
     "friendship", "running", "telescopes", "cheese", "lightning", "trees", "museums", "water",
 ]
-_TEMPLATES = ["Tell me about {t}.", "Explain {t} to me.", "Why should I care about {t}?", "Give me a fun fact about {t}.",
-              "What should I know about {t}?"]
+_TEMPLATES = [
+    "Tell me about {t}.", "Explain {t} to me.", "Why should I care about {t}?", "Give me a fun fact about {t}.",
+    "What should I know about {t}?",
+]
 
 # Held-out prompts (no topic shared with training) for evaluating trained and mixed policies.
 EVAL_PROMPTS = [
