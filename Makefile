@@ -46,5 +46,13 @@ test-fast:
 demo: install
 	$(BIN)/policymix demo
 
+# Two LoRA DPO policies on the embedded SmolLM2-135M-Instruct from the shipped preference sets
+# (docs/lab.md): .cache/policies/concise and .cache/policies/friendly, then each scored alone.
+DEMO_DPO ?= --base embedded --lr 3e-4 --max-steps 20 --batch-size 4 --diag-every 5
+demo-policies: install-lab
+	$(BIN)/policymix train dpo $(DEMO_DPO) --pairs data/prefs/concise.jsonl --out .cache/policies/concise
+	$(BIN)/policymix train dpo $(DEMO_DPO) --pairs data/prefs/friendly.jsonl --out .cache/policies/friendly
+	$(BIN)/python -m policymix.lab.evaluate .cache/policies/concise .cache/policies/friendly
+
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -68,18 +68,37 @@ def smollm2_dir(progress=None) -> Path:
     return out
 
 
-def default_config(progress=None) -> Config:
-    """`smollm2` plus prompted policies on the same weights and named mixtures between them."""
+def trained_policies_dir() -> Path:
+    """Where `make demo-policies` leaves its LoRA policies (POLICYMIX_POLICIES overrides)."""
+    return Path(os.environ.get("POLICYMIX_POLICIES", ".cache/policies"))
+
+
+def _trained(root: Path) -> dict[str, Path]:
+    """Trained LoRA policies on SmolLM2 (an adapter plus the lab's policymix.json), by folder name."""
+    if not root.is_dir():
+        return {}
+    return {d.name: d for d in sorted(root.iterdir())
+            if (d / "adapter_config.json").is_file() and (d / "policymix.json").is_file()}
+
+
+def default_config(progress=None, policies_dir: Path | None = None) -> Config:
+    """`smollm2` plus prompted policies on the same weights and named mixtures between them; and, when
+    `make demo-policies` has trained them, its LoRA policies as `dpo-<name>` with smollm2 as reference
+    (their beta comes from the policymix.json beside each adapter), so DeRa, MOD and the implicit reward
+    run on real trained policies."""
     path = str(smollm2_dir(progress))
     policies = {"smollm2": {"path": path}}
     for name, prompt in STYLES.items():
         policies[name] = {"path": path, "system_prompt": prompt, "reference": "smollm2"}
-    return parse_config({
-        "policies": policies,
-        "mixtures": {
-            "formal-playful": {"weights": {"formal": 0.5, "playful": 0.5}},
-            "extra-playful": {"weights": {"playful": 1.5, "smollm2": -0.5}},
-            "concise-formal": {"weights": {"concise": 0.6, "formal": 0.4}},
-        },
-        "server": {"max_model_len": 2048},
-    })
+    mixtures = {
+        "formal-playful": {"weights": {"formal": 0.5, "playful": 0.5}},
+        "extra-playful": {"weights": {"playful": 1.5, "smollm2": -0.5}},
+        "concise-formal": {"weights": {"concise": 0.6, "formal": 0.4}},
+    }
+    trained = _trained(policies_dir if policies_dir is not None else trained_policies_dir())
+    for name, adapter in trained.items():
+        policies[f"dpo-{name}"] = {"path": path, "adapter": str(adapter.resolve()), "reference": "smollm2"}
+    if {"concise", "friendly"} <= set(trained):
+        mixtures["dpo-concise-friendly"] = {"reference": "smollm2",
+                                            "objectives": {"dpo-concise": 0.5, "dpo-friendly": 0.5}}
+    return parse_config({"policies": policies, "mixtures": mixtures, "server": {"max_model_len": 2048}})
