@@ -7,6 +7,7 @@ request's asyncio queue (``call_soon_threadsafe``). If the loop dies, ``is_healt
 from __future__ import annotations
 
 import asyncio
+from contextlib import aclosing
 import logging
 import threading
 import time
@@ -17,7 +18,7 @@ from ..errors import Overloaded, PolicymixError
 from ..registry import Registry, load_registry
 from .core import EngineCore
 from .protocol import EngineEvent, GenerationRequest, RequestDone
-from .requests import RegistryEngineClient
+from .requests import RegistryEngineClient, event_stream
 
 log = logging.getLogger("policymix.engine")
 
@@ -56,26 +57,23 @@ class NativeEngine(RegistryEngineClient):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
         self._check_open()
         state = self.core.render(request)  # bad input raises here, before anything is queued
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        state.emit = lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)
-        with self._lock:  # the loop's death drains the inbox under this lock: nothing is queued after it
-            self._check_open()
-            self._check_room()
-            self._inbox.append(("add", state))
-            self._pending += 1
-        self._wake.set()
-        done = False
-        try:
-            while True:
-                ev = await queue.get()
-                yield ev
-                if isinstance(ev, RequestDone):
-                    done = True
-                    return
-        finally:
+
+        def start(emit) -> None:
+            state.emit = emit
+            with self._lock:  # the loop's death drains the inbox under this lock: nothing is queued after it
+                self._check_open()
+                self._check_room()
+                self._inbox.append(("add", state))
+                self._pending += 1
+            self._wake.set()
+
+        def finish(done: bool) -> None:
             if not done:  # the client went away (or the consumer stopped): free its cache now
                 self._post(("abort", request.request_id))
+
+        async with aclosing(event_stream(start, finish)) as events:  # closed at once if our consumer leaves
+            async for ev in events:
+                yield ev
 
     def _check_open(self) -> None:
         if self._dead or self._draining or self._stopping:

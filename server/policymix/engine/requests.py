@@ -6,12 +6,13 @@ token-signal pair and run the same observer policies (weight 0: signals, implici
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from typing import Any, AsyncIterator, Callable
 
 from ..errors import PolicymixError
 from ..mixing.recipes import CompiledRecipe, compile_recipe
 from ..registry import Registry
-from .protocol import EngineClient, GenerationRequest, ImplicitRewardSpec, ModelCard
+from .protocol import EngineClient, EngineEvent, GenerationRequest, ImplicitRewardSpec, ModelCard, RequestDone
 
 
 def check_request(registry: Registry, req: GenerationRequest) -> tuple[ImplicitRewardSpec | None, list[str]]:
@@ -77,3 +78,23 @@ class RegistryEngineClient(EngineClient):
         if model in reg.policies:
             return reg.policies[model].tokenizer
         return reg.family_members(self.compile(model, None).family)[0].tokenizer
+
+
+async def event_stream(start: Callable[[Callable[[EngineEvent], None]], None],
+                       finish: Callable[[bool], None]) -> AsyncIterator[EngineEvent]:
+    """Yield a request's events until its RequestDone. ``start(emit)`` submits it (``emit`` may be called
+    from any thread); ``finish(done)`` runs last, with done False when the consumer left first (a client
+    that went away: the engine must free the request now)."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    start(lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+    done = False
+    try:
+        while True:
+            ev = await queue.get()
+            yield ev
+            if isinstance(ev, RequestDone):
+                done = True
+                return
+    finally:
+        finish(done)

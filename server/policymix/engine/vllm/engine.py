@@ -11,6 +11,7 @@ weights over the family's policies in ``SamplingParams.extra_args``.
 from __future__ import annotations
 
 import asyncio
+from contextlib import aclosing
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from ...config import Config
 from ...errors import Overloaded, PolicymixError
 from ...registry import Registry
 from ..protocol import EngineEvent, GenerationRequest, RequestDone, TokenEvent
-from ..requests import RegistryEngineClient, check_request
+from ..requests import RegistryEngineClient, check_request, event_stream
 from .catalog import load_catalog
 from .checkpoint import Member, read_config, attr_name, build_checkpoint
 from .channel import CHANNEL_KEY, Receiver, new_address
@@ -226,23 +227,20 @@ class VllmEngine(RegistryEngineClient):
         srv = self.registry.config.server
         if len(self._jobs) >= srv.max_num_seqs + srv.max_queue:
             raise Overloaded(f"the server is full ({srv.max_queue} requests waiting)", status=503)
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        job.emit = lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)
         rid = request.request_id
-        self._jobs[rid] = self._call(self._run(job))
-        done = False
-        try:
-            while True:
-                ev = await queue.get()
-                yield ev
-                if isinstance(ev, RequestDone):
-                    done = True
-                    return
-        finally:
+
+        def start(emit) -> None:
+            job.emit = emit
+            self._jobs[rid] = self._call(self._run(job))
+
+        def finish(done: bool) -> None:
             fut = self._jobs.pop(rid, None)
             if not done and fut is not None:  # the client went away: abort its vLLM requests now
                 fut.cancel()
+
+        async with aclosing(event_stream(start, finish)) as events:  # closed at once if our consumer leaves
+            async for ev in events:
+                yield ev
 
     async def abort(self, request_id: str) -> None:
         fut = self._jobs.get(request_id)
