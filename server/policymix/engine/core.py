@@ -382,9 +382,7 @@ class EngineCore:
             top = torch.topk(mixed[seq.row], min(sp.logprobs, mixed.shape[1]))
             lv = (top.values - lse[seq.row]).tolist()
             ev.top_logprobs = list(zip(top.indices.tolist(), lv))
-        need_policy = req.return_policy_logprobs or req.return_token_signals or (
-            req.rerank is not None and req.rerank.kind == "implicit")
-        if need_policy:
+        if req.needs_policy_logprobs:
             pl = {}
             for p in state.weights:
                 lp, slot_of = logps[p]
@@ -407,14 +405,12 @@ class EngineCore:
     def _advance(self, seq: Sequence, tok: int, ev: TokenEvent) -> None:
         state = seq.request
         sp = state.req.sampling
-        if state.first_token_time is None:
-            state.first_token_time = time.monotonic()
         seq.output_ids.append(tok)
         seq.cum_logprob += ev.logprob
         seq.finish_reason, seq.stop_reason = finish_reason(tok, len(seq.output_ids), state.eos_ids, sp, seq.detok)
         ev.text = seq.detok.release(final=seq.finished)
         ev.finish_reason = seq.finish_reason
-        if state.buffered:
+        if state.req.sampling.reranked:
             seq.events.append(ev)
         else:
             state.emit(ev)
@@ -432,7 +428,7 @@ class EngineCore:
         seqs = state.sequences
         candidates = None
         chosen = seqs[: req.sampling.n]
-        if state.buffered:
+        if state.req.sampling.reranked:
             scores = self._scores(state)
             candidates = [Candidate(s.detok.text, list(s.output_ids), sc, s.finish_reason)
                           for s, sc in zip(seqs, scores)]
@@ -453,7 +449,7 @@ class EngineCore:
         state.emit(RequestDone(
             prompt_tokens=state.prompt_len, completion_tokens=sum(len(s.output_ids) for s in seqs),
             sequences=results, weights=dict(req.recipe.weights), candidates=candidates,
-            kl_bound=kl_bound(len(seqs)) if state.buffered else None))
+            kl_bound=kl_bound(len(seqs)) if state.req.sampling.reranked else None))
 
     def _scores(self, state: RequestState) -> list[float]:
         rr = state.req.rerank

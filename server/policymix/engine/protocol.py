@@ -36,6 +36,16 @@ class SamplingParams:
     n: int = 1  # sequences returned
     best_of: int | None = None  # sequences sampled (>= n); the best n by the rerank score are returned
 
+    @property
+    def candidates(self) -> int:
+        """Sequences sampled for the request."""
+        return max(self.best_of or 1, self.n)
+
+    @property
+    def reranked(self) -> bool:
+        """More are sampled than returned: events wait until the candidates are scored."""
+        return self.candidates > self.n
+
 
 @dataclass
 class ImplicitRewardSpec:
@@ -78,6 +88,12 @@ class GenerationRequest:
     return_policy_logprobs: bool = False
     arrival_time: float = 0.0
     deadline: float | None = None  # monotonic time after which a still-queued request is dropped
+
+    @property
+    def needs_policy_logprobs(self) -> bool:
+        """Each policy's logprob of every chosen token is needed (reported, signals, implicit rerank)."""
+        return self.return_policy_logprobs or self.return_token_signals or (
+            self.rerank is not None and self.rerank.kind == "implicit")
 
 
 @dataclass

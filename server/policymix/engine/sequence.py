@@ -56,20 +56,10 @@ class RequestState:
     status: Status = Status.WAITING
     sequences: list[Sequence] = field(default_factory=list)
     forked: bool = False  # siblings created (after the leader's prefill)
-    first_token_time: float | None = None
-
-    @property
-    def policies(self) -> list[str]:
-        return list(self.prompts)
 
     @property
     def best_of(self) -> int:
-        return max(self.req.sampling.best_of or 1, self.req.sampling.n)
-
-    @property
-    def buffered(self) -> bool:
-        """Events wait for the end (best-of reranking decides which sequences are returned)."""
-        return self.best_of > self.req.sampling.n
+        return self.req.sampling.candidates
 
     @property
     def prompt_len(self) -> int:

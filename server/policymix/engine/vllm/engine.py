@@ -310,7 +310,7 @@ class VllmEngine(RegistryEngineClient):
             await asyncio.gather(*tasks)
             scores = None  # job.done: the implicit reward or the mean logprob
             rr = job.req.rerank
-            if job.buffered and rr is not None and rr.kind == "reward_model":
+            if job.req.sampling.reranked and rr is not None and rr.kind == "reward_model":
                 from ...rerank import reward_model_scores
 
                 rm = self.registry.policies[rr.reward_model]
@@ -363,7 +363,7 @@ class VllmEngine(RegistryEngineClient):
 
         sp = job.req.sampling
         extra: dict[str, Any] = {WEIGHTS_ARG: job.weights}
-        if job.needs_policy_logprobs:
+        if job.req.needs_policy_logprobs:
             extra[OBSERVE_ARG] = sorted(job.policies.values())
             extra[KEY_ARG] = self._seq_key(job, seq)
             if job.signal_pair is not None:
@@ -389,7 +389,7 @@ class VllmEngine(RegistryEngineClient):
         llm = self.families[job.req.recipe.family].llm
         k = job.req.sampling.logprobs
         key = self._seq_key(job, seq)
-        watch = job.needs_policy_logprobs
+        watch = job.req.needs_policy_logprobs
         if watch:
             self._receiver.open(key)
         # prefix-cache blocks are shared only between requests that run the same policies (composite.py)

@@ -48,17 +48,7 @@ class Job:
 
     @property
     def best_of(self) -> int:
-        return max(self.req.sampling.best_of or 1, self.req.sampling.n)
-
-    @property
-    def buffered(self) -> bool:
-        return self.best_of > self.req.sampling.n
-
-    @property
-    def needs_policy_logprobs(self) -> bool:
-        req = self.req
-        return req.return_policy_logprobs or req.return_token_signals or (
-            req.rerank is not None and req.rerank.kind == "implicit")
+        return self.req.sampling.candidates
 
     def observe(self, ev: TokenEvent, seq: Seq, values: list[float | None], kl: float | None) -> None:
         """Per-policy logprobs of the token (from the worker), its implicit reward and the step's KL."""
@@ -99,7 +89,7 @@ class Job:
         seq.finish_reason, seq.stop_reason = finish_reason(tok, len(seq.output_ids), self.eos_ids, sp, seq.detok)
         ev.text = seq.detok.release(final=seq.finished)
         ev.finish_reason = seq.finish_reason
-        if self.buffered:
+        if self.req.sampling.reranked:
             seq.events.append(ev)
         else:
             self.emit(ev)
@@ -108,7 +98,7 @@ class Job:
         """Emit buffered best-of events in rank order; the closing RequestDone."""
         req = self.req
         chosen, candidates = self.seqs[: req.sampling.n], None
-        if self.buffered:
+        if self.req.sampling.reranked:
             scores = scores if scores is not None else self.scores()
             candidates = [Candidate(s.detok.text, list(s.output_ids), sc, s.finish_reason)
                           for s, sc in zip(self.seqs, scores)]
@@ -126,4 +116,4 @@ class Job:
                    for i, s in enumerate(chosen)]
         return RequestDone(prompt_tokens=len(self.prompt), completion_tokens=sum(len(s.output_ids) for s in self.seqs),
                            sequences=results, weights=dict(req.recipe.weights), candidates=candidates,
-                           kl_bound=kl_bound(len(self.seqs)) if self.buffered else None)
+                           kl_bound=kl_bound(len(self.seqs)) if self.req.sampling.reranked else None)
