@@ -123,6 +123,9 @@ class ServerSpec(_Strict):
     torch_threads: int | None = Field(default=None, ge=1)
     # decode-only steps: auto = CUDA graphs on a GPU (static shapes), the dynamic path on CPU
     decode: Literal["auto", "dynamic", "static", "graphs"] = "auto"
+    # linear layers of float32 policies on CPU: onednn = prepacked once for oneDNN (faster GEMMs at
+    # decode shapes; falls back to torch where unavailable), torch = nn.Linear as loaded
+    cpu_linear: Literal["onednn", "torch"] = "onednn"
     guard: GuardSpec = Field(default_factory=GuardSpec)
     log_prompts: bool = False
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict, deque
+from dataclasses import dataclass, field
 from itertools import count
 
 import torch
@@ -19,7 +20,7 @@ from .detokenizer import IncrementalDetokenizer, finish_reason
 from .protocol import Candidate, GenerationRequest, RequestDone, SequenceResult, TokenEvent
 from .requests import check_request
 from .runner import PolicyRunner
-from .sampler import apply_penalties, sample_token
+from .sampler import apply_penalties, argmax_rows, sample_token
 from .sequence import RequestState, Sequence, Status
 
 log = logging.getLogger("policymix.engine")
@@ -51,6 +52,25 @@ def _failure(err: BaseException, what: str) -> tuple[str, str, int]:
     return f"{what} failed: {type(err).__name__}: {err}", "engine_error", 500
 
 
+@dataclass
+class PolicyLogits:
+    """One policy's next-token logits of a step, a row per cache slot (``slots``: the sequence in each)."""
+
+    logits: torch.Tensor  # [B_p, V] float32
+    slots: list[Sequence]
+    slot_of: dict[int, int] = field(init=False)  # seq_id -> row
+    _logprobs: torch.Tensor | None = field(default=None, init=False)
+
+    def __post_init__(self):
+        self.slot_of = {seq.seq_id: i for i, seq in enumerate(self.slots)}
+
+    def logprobs(self) -> torch.Tensor:
+        """log_softmax of the logits [B_p, V]: computed once, and only when a request asks for them."""
+        if self._logprobs is None:
+            self._logprobs = torch.log_softmax(self.logits, dim=-1)
+        return self._logprobs
+
+
 class EngineCore:
     def __init__(self, registry: Registry):
         self.registry = registry
@@ -64,7 +84,7 @@ class EngineCore:
             tok = p.tokenizer
             pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
             self.runners[name] = PolicyRunner(name, p.model, p.vocab_size, pad, p.device, p.dtype,
-                                              decode=_decode_mode(srv.decode, p.device))
+                                              decode=_decode_mode(srv.decode, p.device), cpu_linear=srv.cpu_linear)
         self.kv_budget = {n: srv.kv_budget_tokens or srv.max_num_seqs * registry.max_model_len(p.family)
                           for n, p in registry.policies.items()}
         self.reserved: dict[str, int] = defaultdict(int)
@@ -223,7 +243,7 @@ class EngineCore:
 
     # ----- one step ----------------------------------------------------------------------------
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self) -> None:
         t0 = time.perf_counter()
         self._admit()
@@ -232,49 +252,69 @@ class EngineCore:
             return
         self.steps += 1
         # forward every policy that has sequences, once, over exactly those sequences
-        logps: dict[str, tuple[torch.Tensor, dict[int, int]]] = {}
+        logits: dict[str, PolicyLogits] = {}
         for name, runner in self.runners.items():
             if not runner.slots:
                 continue
             t = time.perf_counter()
             try:
-                lp = runner.forward()  # [B_p, V]
+                lp = runner.forward()  # [B_p, V] logits
             except Exception as err:  # noqa: BLE001 - fail the requests in this batch, keep serving
                 log.exception("forward of policy %s failed", name)
                 for state in {id(seq.request): seq.request for seq in runner.slots}.values():  # (unhashable)
                     self._fail(state, *_failure(err, f"in the forward of policy {name}"))
                 continue
-            logps[name] = (lp, {seq.seq_id: i for i, seq in enumerate(runner.slots)})
+            logits[name] = PolicyLogits(lp, list(runner.slots))
             self.timers[f"forward:{name}"] += time.perf_counter() - t
         for family_states in self._by_family().values():
             try:
-                self._mix_and_sample(family_states, logps)
+                self._mix_and_sample(family_states, logits)
             except Exception as err:  # noqa: BLE001 - a bug or OOM while mixing fails these requests, not the loop
                 log.exception("mixing failed")
                 for state in family_states:
                     self._fail(state, *_failure(err, "while mixing"))
 
     @staticmethod
-    def _mix(seqs: list[Sequence], policies: set[str], logps) -> tuple[torch.Tensor, bool]:
-        """mixed [S, V] = sum_k w_k * log_softmax(l_k) per row (rows in ``seqs`` order), and whether it is
-        one policy at weight 1 for every row (then it is that policy's log-probs, gathered, not summed)."""
-        active = [{p: w for p, w in s.request.weights.items() if w != 0.0} for s in seqs]
-        if len(policies) >= 1 and all(a.keys() == active[0].keys() and list(a.values()) == [1.0] for a in active):
-            lp, slot_of = logps[next(iter(active[0]))]
-            perm = [slot_of[s.seq_id] for s in seqs]
-            return (lp if perm == list(range(lp.shape[0])) else lp[torch.tensor(perm, device=lp.device)]), True
-        lp0 = logps[next(iter(policies))][0]
-        mixed = torch.zeros(len(seqs), lp0.shape[1], dtype=torch.float32, device=lp0.device)  # [S, V]
+    def _mix(seqs: list[Sequence], policies: set[str], logits: dict[str, PolicyLogits]) -> torch.Tensor:
+        """mixed [S, V] = sum_k w_k * l_k over the raw logits, a row per sequence (``seq.row``).
+
+        The design's score is sum_k w_k * log_softmax(l_k); the two differ by sum_k w_k * log Z_k, one
+        constant per row, which q = softmax(mixed) and every sampling rule but the repetition penalty
+        ignore (that one reads signs: its rows are normalised first). Mixing logits saves a log_softmax
+        per policy per step; logprobs are normalised only for the requests that ask for them. When a
+        policy's slots are the rows in order, its logits are added in place without a gather."""
+        row_of = {s.seq_id: s.row for s in seqs}
+        S = len(seqs)
+        terms = []  # (logits of the contributing rows, their rows, one weight or None, rows are 0..n-1)
         for p in policies:
-            lp, slot_of = logps[p]
-            members = [(s.row, slot_of[s.seq_id], s.request.weights[p]) for s in seqs
-                       if s.seq_id in slot_of and s.request.weights.get(p, 0.0) != 0.0]
+            pl = logits[p]
+            members = [(i, row_of[s.seq_id], w) for i, s in enumerate(pl.slots)
+                       if s.seq_id in row_of and (w := s.request.weights.get(p, 0.0)) != 0.0]
             if not members:
                 continue
-            rows, slots, w = zip(*members)
-            w = torch.tensor(w, dtype=torch.float32, device=lp.device)[:, None]
-            mixed.index_add_(0, torch.tensor(rows, device=lp.device), w * lp[torch.tensor(slots, device=lp.device)])
-        return mixed, False
+            slots, rows, ws = zip(*members)
+            x = pl.logits
+            if len(slots) != x.shape[0]:
+                x = x.index_select(0, torch.tensor(slots, device=x.device))
+            alpha = ws[0]
+            if any(w != alpha for w in ws):  # per-row weights (requests with different recipes)
+                x, alpha = x * torch.tensor(ws, dtype=x.dtype, device=x.device)[:, None], 1.0
+            terms.append((x, rows, alpha, rows == tuple(range(len(rows)))))
+        if len(terms) == 1 and terms[0][2] == 1.0 and terms[0][3] and len(terms[0][1]) == S:
+            return terms[0][0]  # one policy at weight 1 over every row: its logits as they are
+        full = next((i for i, t in enumerate(terms) if t[3] and len(t[1]) == S), None)
+        if full is not None:
+            first = terms.pop(full)
+            mixed = torch.mul(first[0], first[2])  # a new tensor: the policies' logits stay untouched
+        else:
+            some = logits[next(iter(policies))].logits
+            mixed = torch.zeros(S, some.shape[1], dtype=torch.float32, device=some.device)
+        for x, rows, alpha, in_order in terms:
+            if in_order:
+                mixed[: len(rows)].add_(x, alpha=alpha)
+            else:
+                mixed.index_add_(0, torch.tensor(rows, device=x.device), x, alpha=alpha)
+        return mixed
 
     def _by_family(self) -> dict[int, list[RequestState]]:
         groups: dict[int, list[RequestState]] = defaultdict(list)
@@ -282,15 +322,19 @@ class EngineCore:
             groups[state.req.recipe.family].append(state)
         return groups
 
-    def _mix_and_sample(self, states: list[RequestState], logps) -> None:
+    def _mix_and_sample(self, states: list[RequestState], logits: dict[str, PolicyLogits]) -> None:
         t = time.perf_counter()
         seqs = [s for st in states for s in st.sequences if not s.finished]
         if not seqs:
             return
+        policies = {p for st in states for p in st.weights if p in logits}
+        # rows follow the slot order of the largest policy batch, so that its logits (and those of every
+        # policy whose slots hold the same sequences, as in one-recipe traffic) need no gather
+        anchor = logits[max(policies, key=lambda p: len(logits[p].slots))].slot_of
+        seqs.sort(key=lambda s: anchor.get(s.seq_id, len(anchor)))
         for row, seq in enumerate(seqs):
             seq.row = row
-        policies = {p for st in states for p in st.weights if p in logps}
-        mixed, single = self._mix(seqs, policies, logps)
+        mixed = self._mix(seqs, policies, logits)
         # n > 1: siblings join now with the leader's prompt cache and its first-step scores
         sources = [s.row for s in seqs]
         for st in states:
@@ -306,13 +350,8 @@ class EngineCore:
                     sources.append(leader.row)
                     seqs.append(sib)
         if len(sources) > mixed.shape[0]:
-            mixed = mixed[torch.tensor(sources, device=mixed.device)]
-        if single:  # rows are already log_softmax: lse is 0; amax still flags a NaN row (cheaper than lse)
-            lse = torch.zeros(mixed.shape[0], device=mixed.device)
-            finite = torch.isfinite(mixed.amax(dim=-1))
-        else:
-            lse = torch.logsumexp(mixed, dim=-1)  # [S]
-            finite = torch.isfinite(lse)
+            mixed = mixed.index_select(0, torch.tensor(sources, device=mixed.device))
+        finite = torch.isfinite(mixed.amax(dim=-1))  # a NaN or +inf anywhere, or a row all -inf
         device = mixed.device
         self.timers["mix"] += time.perf_counter() - t
 
@@ -332,15 +371,19 @@ class EngineCore:
                 plain.append(i)
                 continue
             try:
-                s = apply_penalties(mixed[seq.row], sp, seq.request.prompts[next(iter(seq.request.prompts))],
+                # the repetition penalty scales by sign: it reads the design's score, not the logits
+                row = self._weighted_logprobs(seq, logits) if sp.repetition_penalty != 1.0 else mixed[seq.row]
+                s = apply_penalties(row, sp, seq.request.prompts[next(iter(seq.request.prompts))],
                                     seq.output_ids, blocked)
                 tokens[i] = sample_token(s, sp, seq.generator)
             except Exception as err:  # noqa: BLE001 - this request fails, the batch goes on
                 log.exception("sampling failed for request %s", seq.request.req.request_id)
                 errors[i] = err
         if plain:
-            rows = torch.tensor([seqs[i].row for i in plain], device=device)
-            for i, tok in zip(plain, mixed[rows].argmax(-1).tolist()):
+            rows = [seqs[i].row for i in plain]
+            greedy = mixed if rows == list(range(mixed.shape[0])) else mixed.index_select(
+                0, torch.tensor(rows, device=device))
+            for i, tok in zip(plain, argmax_rows(greedy).tolist()):
                 tokens[i] = tok
         self.timers["sample"] += time.perf_counter() - t
 
@@ -354,50 +397,72 @@ class EngineCore:
                            code="nan")
         ok = [(seq, tok) for seq, tok in ok if seq.request.status != Status.FINISHED]
         if ok:
-            self._record(ok, mixed, lse, logps, sources)
+            self._record(ok, mixed, logits)
         self.timers["detok"] += time.perf_counter() - t
 
-    def _record(self, ok, mixed, lse, logps, sources) -> None:
+    @staticmethod
+    def _weighted_logprobs(seq: Sequence, logits: dict[str, PolicyLogits]) -> torch.Tensor:
+        """sum_k w_k * log_softmax(l_k) [V] of one sequence (a sibling's first step reads its leader's row)."""
+        leader = seq.request.sequences[0].seq_id
+        total = None
+        for p, w in seq.request.weights.items():
+            if w == 0.0 or p not in logits:
+                continue
+            pl = logits[p]
+            term = w * pl.logprobs()[pl.slot_of.get(seq.seq_id, pl.slot_of.get(leader))]
+            total = term if total is None else total + term
+        return total
+
+    def _record(self, ok, mixed, logits: dict[str, PolicyLogits]) -> None:
         """Logprobs and signals of the chosen tokens, then stop checks and events."""
-        rows = torch.tensor([seq.row for seq, _ in ok], device=mixed.device)
-        toks = torch.tensor([tok for _, tok in ok], device=mixed.device)
-        chosen = (mixed[rows, toks] - lse[rows]).tolist()
+        # q = log_softmax(mixed), only over the rows whose requests need it
+        need = [k for k, (seq, _) in enumerate(ok) if seq.request.req.needs_logprob]
+        logq_of: dict[int, int] = {}  # seq.row -> row of logq
+        logq = chosen = None
+        if need:
+            rows = [ok[k][0].row for k in need]
+            logq_of = {r: i for i, r in enumerate(rows)}
+            logq = torch.log_softmax(mixed.index_select(0, torch.tensor(rows, device=mixed.device)), dim=-1)
+            toks = torch.tensor([ok[k][1] for k in need], device=mixed.device)
+            chosen = logq.gather(1, toks[:, None])[:, 0].tolist()
         row_leader = {seq.seq_id: seq.request.sequences[0].seq_id for seq, _ in ok}
-        for k, (seq, tok) in enumerate(ok):
+        for seq, tok in ok:
             if seq.request.status == Status.FINISHED:  # a sibling failed just before
                 continue
             try:
-                self._record_one(seq, tok, chosen[k], mixed, lse, logps, row_leader)
+                i = logq_of.get(seq.row)
+                self._record_one(seq, tok, None if i is None else logq[i], None if i is None else chosen[i],
+                                 logits, row_leader)
             except Exception as err:  # noqa: BLE001 - e.g. a detokenizer or reward-model error: only this request
                 log.exception("post-processing failed for request %s", seq.request.req.request_id)
                 self._fail(seq.request, *_failure(err, "post-processing"))
 
-    def _record_one(self, seq: Sequence, tok: int, chosen: float, mixed, lse, logps, row_leader) -> None:
-        """One sequence's token: its logprobs and signals, then stop checks and the event."""
+    def _record_one(self, seq: Sequence, tok: int, logq: torch.Tensor | None, chosen: float | None,
+                    logits: dict[str, PolicyLogits], row_leader) -> None:
+        """One sequence's token: its logprobs (``logq`` [V], when the request needs them) and signals,
+        then stop checks and the event."""
         state = seq.request
         req = state.req
         sp = req.sampling
         ev = TokenEvent(index=seq.index, token_id=tok, text="", logprob=chosen)
         if sp.logprobs:
-            top = torch.topk(mixed[seq.row], min(sp.logprobs, mixed.shape[1]))
-            lv = (top.values - lse[seq.row]).tolist()
-            ev.top_logprobs = list(zip(top.indices.tolist(), lv))
+            top = torch.topk(logq, min(sp.logprobs, logq.shape[0]))
+            ev.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
         if req.needs_policy_logprobs:
             pl = {}
             for p in state.weights:
-                lp, slot_of = logps[p]
-                slot = slot_of.get(seq.seq_id, slot_of.get(row_leader[seq.seq_id]))
-                pl[p] = float(lp[slot, tok])
+                scores = logits[p]
+                slot = scores.slot_of.get(seq.seq_id, scores.slot_of.get(row_leader[seq.seq_id]))
+                pl[p] = float(scores.logprobs()[slot, tok])
                 seq.policy_logprob_sums[p] = seq.policy_logprob_sums.get(p, 0.0) + pl[p]
             if req.return_policy_logprobs or req.return_token_signals:
                 ev.policy_logprobs = pl
             pair = state.signal_pair
             if pair is not None:
                 ev.implicit_reward = pair.beta * (pl[pair.policy] - pl[pair.reference])
-                lp_ref, slot_of = logps[pair.reference]
-                slot = slot_of.get(seq.seq_id, slot_of.get(row_leader[seq.seq_id]))
-                logq = mixed[seq.row] - lse[seq.row]
-                ev.kl = float((logq.exp() * (logq - lp_ref[slot])).sum().clamp_min(0.0))
+                ref = logits[pair.reference]
+                slot = ref.slot_of.get(seq.seq_id, ref.slot_of.get(row_leader[seq.seq_id]))
+                ev.kl = float((logq.exp() * (logq - ref.logprobs()[slot])).sum().clamp_min(0.0))
                 seq.kl_sum += ev.kl
                 seq.reward_sum += ev.implicit_reward
         self._advance(seq, tok, ev)
@@ -406,7 +471,7 @@ class EngineCore:
         state = seq.request
         sp = state.req.sampling
         seq.output_ids.append(tok)
-        seq.cum_logprob += ev.logprob
+        seq.cum_logprob += ev.logprob or 0.0
         seq.finish_reason, seq.stop_reason = finish_reason(tok, len(seq.output_ids), state.eos_ids, sp, seq.detok)
         ev.text = seq.detok.release(final=seq.finished)
         ev.finish_reason = seq.finish_reason

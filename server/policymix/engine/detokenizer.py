@@ -17,6 +17,9 @@ class IncrementalDetokenizer:
                  skip_special_tokens: bool = True):
         self.tok = tokenizer
         self.skip = skip_special_tokens
+        # a fast tokenizer's Rust backend gives decode()'s text when no clean-up is asked for, without
+        # transformers' per-call wrapping (two decodes per token: this is most of the per-token cost)
+        self._backend = getattr(tokenizer, "backend_tokenizer", None)
         self.ids: list[int] = list(prompt_ids[-_CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
@@ -28,6 +31,8 @@ class IncrementalDetokenizer:
         self._max_stop = max((len(s) for s in self.stop), default=0)
 
     def _decode(self, ids: list[int]) -> str:
+        if self._backend is not None:
+            return self._backend.decode(ids, skip_special_tokens=self.skip)
         return self.tok.decode(ids, skip_special_tokens=self.skip, clean_up_tokenization_spaces=False)
 
     def add(self, token_id: int) -> bool:

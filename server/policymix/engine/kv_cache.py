@@ -6,6 +6,10 @@ head_dim]``; active sequences occupy slots ``[0, n)`` so a step reads the zero-c
 ``K[:B, :, :kv_len]``. When a sequence leaves, the last slot moves into the hole (compaction).
 Buffers start small and double (slots and capacity) when a step needs more, so memory follows the
 longest running sequence rather than the model's context length.
+
+Buffers are made and changed only in inference mode (the engine's steps run in it, and so do
+``reserve`` and ``copy_slot``, which admission and abort call from outside a step): torch refuses
+in-place updates of inference tensors outside inference mode.
 """
 
 from __future__ import annotations
@@ -27,8 +31,7 @@ class SlotKVCache:
         self._first = 0
         self._batch = 0
         self._kv_len = 0
-        self._bidx: torch.Tensor | None = None  # [B, Q] row of each written cell
-        self._widx: torch.Tensor | None = None  # [B, Q] cache position of each written cell
+        self._cells: torch.Tensor | None = None  # [B * H * Q] flat (slot, head, position) of each written cell
 
     @property
     def slots(self) -> int:
@@ -41,6 +44,7 @@ class SlotKVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
+    @torch.inference_mode()
     def reserve(self, slots: int, capacity: int) -> None:
         """Grow (by doubling) so that ``slots`` rows of ``capacity`` positions fit."""
         new_s, new_c = self.slots, self.capacity
@@ -65,17 +69,22 @@ class SlotKVCache:
         self._first = first
         self._batch = batch
         self._kv_len = kv_len
-        self._widx = write_pos
-        self._bidx = torch.arange(first, first + batch, device=write_pos.device)[:, None].expand_as(write_pos)
+        # cell (b, h, q) is row ((first + b) * H + h) * capacity + write_pos[b, q] of a buffer viewed as
+        # [slots * H * capacity, D]: one index_copy_ per buffer writes every key (no advanced indexing)
+        dev = write_pos.device
+        slot_head = (torch.arange(first, first + batch, device=dev)[:, None] * self.kv_heads
+                     + torch.arange(self.kv_heads, device=dev)[None, :])  # [B, H]
+        self._cells = (slot_head[:, :, None] * self.capacity + write_pos[:, None, :]).reshape(-1)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        # key_states: [B, H, Q, D] -> cells K[b, :, widx[b, q]] (advanced indices first: [B, Q, H, D])
+        # key_states: [B, H, Q, D], flattened in (b, h, q) order like ``_cells``
         k, v = self.k[layer_idx], self.v[layer_idx]
-        k[self._bidx, :, self._widx] = key_states.transpose(1, 2)
-        v[self._bidx, :, self._widx] = value_states.transpose(1, 2)
+        k.view(-1, self.head_dim).index_copy_(0, self._cells, key_states.reshape(-1, self.head_dim))
+        v.view(-1, self.head_dim).index_copy_(0, self._cells, value_states.reshape(-1, self.head_dim))
         rows = slice(self._first, self._first + self._batch)
         return k[rows, :, : self._kv_len], v[rows, :, : self._kv_len]
 
+    @torch.inference_mode()
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         """Copy the first ``length`` positions of slot ``src`` into ``dst`` (compaction, n > 1 forks)."""
         if length == 0 or src == dst:

@@ -90,6 +90,13 @@ class GenerationRequest:
     deadline: float | None = None  # monotonic time after which a still-queued request is dropped
 
     @property
+    def needs_logprob(self) -> bool:
+        """The mixed logprob of each chosen token is needed (reported, KL signals, mean-logprob rerank);
+        otherwise an engine may skip normalising the mixed scores, as vLLM skips unrequested logprobs."""
+        logprob_rerank = self.sampling.reranked and (self.rerank is None or self.rerank.kind == "logprob")
+        return self.sampling.logprobs is not None or self.return_token_signals or logprob_rerank
+
+    @property
     def needs_policy_logprobs(self) -> bool:
         """Each policy's logprob of every chosen token is needed (reported, signals, implicit rerank)."""
         return self.return_policy_logprobs or self.return_token_signals or (
@@ -103,7 +110,7 @@ class TokenEvent:
     index: int
     token_id: int
     text: str  # the text this token releases (may be "" while a stop string or a UTF-8 char forms)
-    logprob: float | None = None  # log_softmax(mixed score) of the token
+    logprob: float | None = None  # log_softmax(mixed score) of the token; None unless the request needs it
     top_logprobs: list[tuple[int, float]] | None = None
     policy_logprobs: dict[str, float] | None = None
     implicit_reward: float | None = None  # beta * (log pi_P - log pi_R) of this token

@@ -13,6 +13,7 @@ import inspect
 
 import torch
 
+from .cpu_linear import can_pack, pack_linears
 from .kv_cache import SlotKVCache
 from .static_decode import StaticDecoder
 
@@ -27,9 +28,13 @@ def _cache_keyword(model) -> str:
 
 
 class PolicyRunner:
-    def __init__(self, name: str, model, vocab_size: int, pad_id: int, device, dtype, decode: str = "dynamic"):
+    def __init__(self, name: str, model, vocab_size: int, pad_id: int, device, dtype, decode: str = "dynamic",
+                 cpu_linear: str = "onednn"):
         self.name = name
         self.model = model
+        # float32 on CPU: linear layers prepacked for oneDNN once (cpu_linear.py); a no-op for weights
+        # another runner already packed (prompted policies share them)
+        self.packed_linears = pack_linears(model) if cpu_linear == "onednn" and can_pack(model, device, dtype) else 0
         self.vocab_size = vocab_size
         self.pad_id = pad_id
         self.device = torch.device(device)
@@ -76,9 +81,10 @@ class PolicyRunner:
         self.slots.pop()
         self.lengths.pop()
 
-    @torch.no_grad()  # not inference_mode: cache buffers made here are updated in place later
+    @torch.inference_mode()  # the cache's buffers are made and changed only in inference mode (kv_cache.py)
     def forward(self) -> torch.Tensor:
-        """Feed every slot's pending tokens; return log-probs of the next token [B, V] (float32)."""
+        """Feed every slot's pending tokens; return the next token's logits [B, V] (float32, rows in slot
+        order). Not normalised: the core mixes raw logits (see ``core._mix``)."""
         feeds = [seq.feeds[self.name] for seq in self.slots]
         parts = self._parts(feeds)
         lps = [self._forward_rows(feeds, lo, hi, whole=len(parts) == 1) for lo, hi in parts]
@@ -106,27 +112,20 @@ class PolicyRunner:
         # the static path pads up to a bucket with rows past the batch: only safe when no slot follows
         if whole and self.static is not None and self.static.applicable(part):
             return self.static.run(part, lengths)
-        B = len(part)
-        q = torch.tensor([len(f) for f in part])  # [B]
-        Q = int(q.max())
-        L = torch.tensor(lengths)  # [B]
-        kv_len = int((L + Q).max())
+        Q = max(len(f) for f in part)
+        kv_len = max(lengths) + Q
         self.cache.reserve(hi, kv_len)
-        ids = torch.full((B, Q), self.pad_id, dtype=torch.long)
-        for i, f in enumerate(part):
-            ids[i, Q - len(f):] = torch.tensor(f, dtype=torch.long)
-        j = torch.arange(Q)[None, :]  # [1, Q]
-        off = (Q - q)[:, None]  # [B, 1] left padding per row
-        # real tokens at L..L+q-1, padding after them in future cells: the same formula gives both
-        # the logical position and the cache cell of every column
-        pos = torch.where(j >= off, L[:, None] + j - off, L[:, None] + q[:, None] + j)  # [B, Q]
+        # real tokens at L..L+q-1, left padding in the future cells L+q..L+Q-1 (masked now, overwritten
+        # later): the same numbers are each column's logical position and the cache cell it writes
+        ids = torch.tensor([[self.pad_id] * (Q - len(f)) + f for f in part], dtype=torch.long)  # [B, Q]
+        pos = torch.tensor([[*range(n + len(f), n + Q), *range(n, n + len(f))] for f, n in zip(part, lengths)],
+                           dtype=torch.long)  # [B, Q]
         keys = torch.arange(kv_len)[None, None, :]  # [1, 1, K]
         mask = torch.where(keys <= pos[:, :, None], 0.0, self.mask_min).to(self.dtype)[:, None]  # [B, 1, Q, K]
         pos = pos.to(self.device)
-        self.cache.begin_step(B, pos, kv_len, first=lo)
+        self.cache.begin_step(len(part), pos, kv_len, first=lo)
         out = self.model(
             input_ids=ids.to(self.device), attention_mask=mask.to(self.device), position_ids=pos,
             use_cache=True, logits_to_keep=1, **{self.cache_kw: self.cache},
         )
-        logits = out.logits[:, -1, : self.vocab_size].float()  # [B, V]; padded lm_head rows cut
-        return torch.log_softmax(logits, dim=-1)
+        return out.logits[:, -1, : self.vocab_size].float()  # [B, V]; padded lm_head rows cut

@@ -57,6 +57,27 @@ def filtered_logits(s: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return x
 
 
+def argmax_rows(x: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """``x.argmax(-1)`` of a score matrix [B, V] (the first index on ties), computed in two levels on CPU.
+
+    torch's CPU argmax is a scalar loop (about 270 us for 16 x 32k rows on one thread) while amax is
+    vectorised (about 20 us): take each block's max, then the argmax of the first block that holds the
+    row's max. Greedy decoding does this every step for every row.
+    """
+    B, V = x.shape
+    n = V // block
+    if x.device.type != "cpu" or n < 2:
+        return x.argmax(-1)
+    blocks = x[:, : n * block].reshape(B, n, block)
+    block_max = blocks.amax(-1)  # [B, n]
+    first = block_max.argmax(-1)  # [B]: the first block holding the row's max
+    idx = blocks[torch.arange(B, device=x.device), first].argmax(-1) + first * block
+    if n * block < V:  # the tail past the last whole block wins only when strictly larger
+        tail_max, tail_idx = x[:, n * block:].max(-1)
+        idx = torch.where(tail_max > block_max.gather(1, first[:, None])[:, 0], tail_idx + n * block, idx)
+    return idx
+
+
 def sample_token(s: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> int:
     """One token from the processed score row ``s`` [V]."""
     if p.temperature == 0.0:

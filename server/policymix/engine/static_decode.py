@@ -25,7 +25,7 @@ class _Static:
     ids: torch.Tensor  # [b, 1]
     pos: torch.Tensor  # [b, 1] positions = cache cells written
     mask: torch.Tensor  # [b, 1, 1, capacity]
-    out: torch.Tensor | None = None  # [b, V] log-probs (the graph's output)
+    out: torch.Tensor | None = None  # [b, V] logits (the graph's output)
     graph: object | None = None
 
 
@@ -43,7 +43,7 @@ class StaticDecoder:
         return len(feeds) <= BUCKETS[-1] and all(len(f) == 1 for f in feeds)
 
     def run(self, feeds: list[list[int]], lengths: list[int]) -> torch.Tensor:
-        """Log-probs [B, V] of the next token for rows feeding one token each (cells at ``lengths``)."""
+        """Logits [B, V] of the next token for rows feeding one token each (cells at ``lengths``)."""
         r, cache = self.runner, self.runner.cache
         B = len(feeds)
         bucket = next(b for b in BUCKETS if b >= B)
@@ -81,7 +81,7 @@ class StaticDecoder:
         r.cache.begin_step(bucket, st.pos, r.cache.capacity)
         out = r.model(input_ids=st.ids, attention_mask=st.mask, position_ids=st.pos, use_cache=True,
                       logits_to_keep=1, **{r.cache_kw: r.cache})
-        return torch.log_softmax(out.logits[:, -1, : r.vocab_size].float(), dim=-1)
+        return out.logits[:, -1, : r.vocab_size].float()
 
     def _capture(self, st: _Static, bucket: int) -> None:
         # warm up on a side stream (the documented recipe), then capture; the warm-up writes the same
