@@ -8,6 +8,8 @@ Sections (each ratio is measured side by side, ``--repeats`` times, and the medi
 2. one policy through the engine at 16 concurrent requests against HF ``generate`` at batch 16;
 3. the proxy-tuning mixture through the engine at 16 concurrent requests against the proxy-tuning
    loop at batch 1 and as a static batch of 16 (equal lengths);
+   sections 2 and 3 also run the engine with ``server.cpu_linear: torch`` (nn.Linear as loaded, the
+   anchors' kernels), which separates the engine's scheduling from oneDNN's prepacked GEMMs;
 4. a serving workload: Poisson arrivals, output lengths 16-256 (each request stops at its own
    length, as at an EOS), engine (continuous batching) against the static-batch loop (waits to fill
    a batch of 16, keeps computing finished rows): throughput and median latency;
@@ -64,22 +66,30 @@ def section_overhead(reg, ids, repeats, concs=(1, 4, 16), max_new=64):
     return rows
 
 
-def section_anchors(reg, models, tok, ids, repeats, threads, max_new=128):
+def section_anchors(reg, reg_torch, models, tok, ids, repeats, threads, max_new=128):
+    """``reg``: the engine as configured by default (oneDNN-prepacked linears); ``reg_torch``: the engine
+    over ``models``, the anchors' own unpacked models (``cpu_linear: torch``)."""
     out = []
     for _ in range(repeats):
         eng1 = run_engine(reg, {"base": 1.0}, ids, max_new, 16)
+        eng1_t = run_engine(reg_torch, {"base": 1.0}, ids, max_new, 16)
         hf16 = run_hf_generate(models["base"], tok, PROMPTS, max_new, batch_size=16, threads=threads)
         engp = run_engine(reg, PROXY, ids, max_new, 16)
+        engp_t = run_engine(reg_torch, PROXY, ids, max_new, 16)
         pt1 = run_proxy_tuning(models, tok, PROMPTS[:4], max_new, batch_size=1, threads=threads)
         pt16 = run_proxy_tuning(models, tok, PROMPTS, max_new, batch_size=16, threads=threads)
-        out.append({"engine_1pol_c16": eng1.tok_s, "hf_generate_b16": hf16.tok_s, "engine_proxy_c16": engp.tok_s,
+        out.append({"engine_1pol_c16": eng1.tok_s, "engine_torch_1pol_c16": eng1_t.tok_s, "hf_generate_b16": hf16.tok_s,
+                    "engine_proxy_c16": engp.tok_s, "engine_torch_proxy_c16": engp_t.tok_s,
                     "proxy_loop_b1": pt1.tok_s, "proxy_loop_b16": pt16.tok_s})
         print(json.dumps(out[-1]), flush=True)
     keys = out[0].keys()
     row = {k: med([o[k] for o in out]) for k in keys}
-    row["engine_1pol_over_hf_b16"] = med([o["engine_1pol_c16"] / o["hf_generate_b16"] for o in out])
-    row["engine_proxy_over_loop_b1"] = med([o["engine_proxy_c16"] / o["proxy_loop_b1"] for o in out])
-    row["engine_proxy_over_loop_b16"] = med([o["engine_proxy_c16"] / o["proxy_loop_b16"] for o in out])
+    for name, num, den in [("engine_1pol_over_hf_b16", "engine_1pol_c16", "hf_generate_b16"),
+                           ("engine_torch_1pol_over_hf_b16", "engine_torch_1pol_c16", "hf_generate_b16"),
+                           ("engine_proxy_over_loop_b1", "engine_proxy_c16", "proxy_loop_b1"),
+                           ("engine_proxy_over_loop_b16", "engine_proxy_c16", "proxy_loop_b16"),
+                           ("engine_torch_proxy_over_loop_b16", "engine_torch_proxy_c16", "proxy_loop_b16")]:
+        row[name] = med([o[num] / o[den] for o in out])  # ratios within each repeat, then the median
     return row, out
 
 
@@ -217,6 +227,11 @@ def section_memory(bm, tok, reg):
     gc.collect()
     per_policy = current_rss_bytes() - before
     param_bytes = sum(p.numel() * p.element_size() for p in extra.parameters())
+    from policymix.engine.cpu_linear import pack_linears
+
+    pack_linears(extra)  # what the engine does at start (cpu_linear: onednn): dense weights are dropped
+    gc.collect()
+    per_policy_packed = current_rss_bytes() - before
     del extra
     cfg = reg.policies["base"].model.config
     head_dim = cfg.hidden_size // cfg.num_attention_heads
@@ -225,7 +240,8 @@ def section_memory(bm, tok, reg):
     from policymix.engine.core import EngineCore
 
     core = EngineCore(reg)
-    return {"rss_per_policy_mib": per_policy / 2**20, "param_mib_per_policy": param_bytes / 2**20,
+    return {"rss_per_policy_mib": per_policy / 2**20, "rss_per_policy_packed_mib": per_policy_packed / 2**20,
+            "param_mib_per_policy": param_bytes / 2**20,
             "kv_bytes_per_1k_tokens_per_policy_mib": per_token * 1000 / 2**20,
             "engine_tok_s_during_check": run.tok_s, "kv_cache_bytes_idle": core.runners["base"].cache.nbytes()}
 
@@ -244,9 +260,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     bm = build_bench_models()
     tok = load_tokenizer(bm.tokenizer_dir)
-    models = load_policies(bm.paths)
+    engine_models = load_policies(bm.paths)  # the default engine packs its linears for oneDNN in place
+    models = load_policies(bm.paths)  # the anchors' copies stay plain nn.Linear
     # a fourth policy of the same shape for K = 4 (the same weights under another name: its own cache)
-    reg = registry_from_models({**models, "fourth": models["base"]}, tok, max_num_seqs=64)
+    reg = registry_from_models({**engine_models, "fourth": engine_models["base"]}, tok, max_num_seqs=64)
+    reg_torch = registry_from_models(models, tok, max_num_seqs=64, cpu_linear="torch")
     ids = [tok(p).input_ids for p in PROMPTS]
     sections = args.sections.split(",")
     data: dict = {"threads": args.threads, "repeats": args.repeats}
@@ -254,7 +272,8 @@ def main(argv=None) -> int:
         if "overhead" in sections:
             data["overhead"] = section_overhead(reg, ids, args.repeats)
         if "anchors" in sections:
-            data["anchors"], data["anchors_all"] = section_anchors(reg, models, tok, ids, args.repeats, args.threads)
+            data["anchors"], data["anchors_all"] = section_anchors(reg, reg_torch, models, tok, ids, args.repeats,
+                                                                   args.threads)
         if "best_of" in sections:
             data["best_of"] = section_best_of(max(args.repeats, 5))
         if "memory" in sections:
@@ -271,11 +290,16 @@ def main(argv=None) -> int:
                                ("ms_step_schedule", "schedule"), ("ms_step_detok", "detok")]))
     if "anchors" in data:
         a = data["anchors"]
-        tables.append("### Against the anchors (16 prompts x 128 tokens, greedy, equal lengths)\n\n" + markdown_table(
+        tables.append("### Against the anchors (16 prompts x 128 tokens, greedy, equal lengths, tok/s)\n\n"
+                      "The engine as configured by default (`cpu_linear: onednn`), then with `cpu_linear: torch` "
+                      "(the anchors' own nn.Linear kernels: the engine's scheduling alone).\n\n" + markdown_table(
             [a], [("engine_1pol_c16", "engine 1 policy c16"), ("hf_generate_b16", "HF generate b16"),
-                  ("engine_1pol_over_hf_b16", "ratio"), ("engine_proxy_c16", "engine proxy c16"),
-                  ("proxy_loop_b1", "proxy loop b1"), ("engine_proxy_over_loop_b1", "ratio"),
-                  ("proxy_loop_b16", "proxy loop b16"), ("engine_proxy_over_loop_b16", "ratio")]))
+                  ("engine_1pol_over_hf_b16", "ratio"), ("engine_torch_1pol_c16", "engine (torch linears)"),
+                  ("engine_torch_1pol_over_hf_b16", "ratio")]) + "\n\n" + markdown_table(
+            [a], [("engine_proxy_c16", "engine proxy c16"), ("proxy_loop_b1", "proxy loop b1"),
+                  ("engine_proxy_over_loop_b1", "ratio"), ("proxy_loop_b16", "proxy loop b16"),
+                  ("engine_proxy_over_loop_b16", "ratio"), ("engine_torch_proxy_c16", "engine (torch linears)"),
+                  ("engine_torch_proxy_over_loop_b16", "ratio")]))
     if "serving" in data:
         tables.append("### Serving workload (Poisson arrivals, lengths 16-256, proxy-tuning mixture)\n\n" + markdown_table(
             data["serving"], [("requests", "requests"), ("rate_req_s", "rate req/s"), ("engine_tok_s", "engine tok/s"),
@@ -288,7 +312,9 @@ def main(argv=None) -> int:
             [data["best_of"]], [("max_new_tokens", "tokens"), ("best_of_8_over_single", "best-of-8 time / single")]))
     if "memory" in data:
         tables.append("### Memory\n\n" + markdown_table(
-            [data["memory"]], [("rss_per_policy_mib", "RSS per policy MiB"), ("param_mib_per_policy", "weights MiB"),
+            [data["memory"]], [("rss_per_policy_mib", "RSS per policy MiB"),
+                               ("rss_per_policy_packed_mib", "after oneDNN packing MiB"),
+                               ("param_mib_per_policy", "weights MiB"),
                                ("kv_bytes_per_1k_tokens_per_policy_mib", "KV MiB per 1k tokens per policy")]))
     meta = machine_info() | {"threads": args.threads, "command": "OMP_NUM_THREADS=1 python -m benchmarks.core_cpu "
                              + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))}

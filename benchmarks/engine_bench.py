@@ -42,11 +42,12 @@ class EngineRun:
 
 
 def registry_from_models(models: dict, tokenizer, max_num_seqs: int = 64, device: str = "cpu",
-                         dtype=torch.float32, max_len: int = 4096, decode: str = "auto") -> Registry:
+                         dtype=torch.float32, max_len: int = 4096, decode: str = "auto",
+                         cpu_linear: str = "onednn") -> Registry:
     """A registry over already-loaded models (benchmarks build them in memory, e.g. on a GPU)."""
     cfg = parse_config({"policies": {name: {"path": f"<memory:{name}>"} for name in models},
                         "server": {"max_num_seqs": max_num_seqs, "max_queue": 100_000,
-                                   "max_model_len": max_len, "decode": decode}})
+                                   "max_model_len": max_len, "decode": decode, "cpu_linear": cpu_linear}})
     reg = Registry(cfg)
     for name, model in models.items():
         reg.policies[name] = LoadedPolicy(name=name, spec=cfg.policies[name], model=model, tokenizer=tokenizer,

@@ -240,3 +240,16 @@ def test_context_too_long_names_the_numbers(core, tiny_registry):
     limit = tiny_registry.max_model_len(0)
     with pytest.raises(ContextTooLong, match=str(limit)):
         core.render(make_request(core, "base", None, "Hello", max_tokens=limit))
+
+
+def test_logprobs_are_computed_only_when_asked(core):
+    """Without ``logprobs`` (or signals, or a mean-logprob rerank) the engine never normalises the mixed
+    scores, as vLLM skips unrequested logprobs; with ``logprobs=0`` each token carries its logprob."""
+    mix = {"weights": {"base": 1.2, "dpo": -0.2}}
+    plain = submit(core, make_request(core, "base", mix, "Hello world", max_tokens=6, temperature=0, ignore_eos=True))
+    asked = submit(core, make_request(core, "base", mix, "Hello world", max_tokens=6, temperature=0, ignore_eos=True,
+                                      logprobs=0))
+    run_until_done(core, [plain, asked])
+    assert plain.tokens() == asked.tokens()
+    assert all(e.logprob is None for e in plain.events)
+    assert all(e.logprob is not None and e.logprob <= 0.0 for e in asked.events)

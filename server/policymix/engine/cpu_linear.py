@@ -41,7 +41,8 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def can_pack(model: nn.Module, device, dtype) -> bool:
+def can_pack(device, dtype) -> bool:
+    """Packing applies to float32 weights on CPU in a torch build with oneDNN."""
     return (torch.device(device).type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 

@@ -34,7 +34,7 @@ class PolicyRunner:
         self.model = model
         # float32 on CPU: linear layers prepacked for oneDNN once (cpu_linear.py); a no-op for weights
         # another runner already packed (prompted policies share them)
-        self.packed_linears = pack_linears(model) if cpu_linear == "onednn" and can_pack(model, device, dtype) else 0
+        self.packed_linears = pack_linears(model) if cpu_linear == "onednn" and can_pack(device, dtype) else 0
         self.vocab_size = vocab_size
         self.pad_id = pad_id
         self.device = torch.device(device)
