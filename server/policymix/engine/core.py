@@ -280,12 +280,12 @@ class EngineCore:
 
         The design's score is sum_k w_k * log_softmax(l_k); the two differ by sum_k w_k * log Z_k, one
         constant per row, which q = softmax(mixed) and every sampling rule but the repetition penalty
-        ignore (that one reads signs: its rows are normalised first). Mixing logits saves a log_softmax
+        ignore (that one reads signs: its rows use the design's score, ``_weighted_logprobs``). Mixing logits saves a log_softmax
         per policy per step; logprobs are normalised only for the requests that ask for them. When a
         policy's slots are the rows in order, its logits are added in place without a gather."""
         row_of = {s.seq_id: s.row for s in seqs}
         S = len(seqs)
-        terms = []  # (logits of the contributing rows, their rows, one weight or None, rows are 0..n-1)
+        terms = []  # (logits of the contributing rows, their rows, a scalar weight, rows are 0..n-1)
         for p in policies:
             pl = logits[p]
             members = [(i, row_of[s.seq_id], w) for i, s in enumerate(pl.slots)
