@@ -32,3 +32,18 @@ def test_gpu_check_dry_run_on_cpu(tmp_path, monkeypatch):
     data = json.loads((tmp_path / "gpu_check.json").read_text())
     assert data["device"] == "cpu" and data["rows"]
     assert {"single_tok_s", "mixture_tok_s", "ratio_mix_over_sum"} <= set(data["rows"][0])
+
+
+def test_cpu_linear_benchmark_runs(tiny_dir, tmp_path):
+    """benchmarks/cpu_linear.py end to end on a tiny model: both settings serve, the packed one is packed."""
+    import benchmarks.cpu_linear as b
+
+    out = tmp_path / "cpu_linear"
+    assert b.main(["--path", str(tiny_dir / "base"), "--tokens", "3", "--concurrency", "1,2", "--repeats", "1",
+                   "--out", str(out)]) == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert [r["concurrency"] for r in data["rows"]] == [1, 2]
+    assert all(r["torch_tok_s"] > 0 and r["onednn_tok_s"] > 0 for r in data["rows"])
+    from policymix.engine.cpu_linear import can_pack
+
+    assert (data["meta"]["linear layers packed"] > 0) == can_pack("cpu", torch.float32)
