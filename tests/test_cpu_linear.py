@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from engine_helpers import make_request, run_until_done, submit
-from policymix.engine import cpu_linear
 from policymix.engine.core import EngineCore
 from policymix.engine.cpu_linear import PackedLinear, can_pack, pack_linears
 

@@ -14,14 +14,14 @@ from itertools import count
 import torch
 
 from ..errors import Overloaded, PolicymixError
-from ..rerank import kl_bound, reward_model_scores
+from ..rerank import reward_model_scores
 from ..registry import Registry
-from .detokenizer import IncrementalDetokenizer, finish_reason
-from .protocol import Candidate, GenerationRequest, RequestDone, SequenceResult, TokenEvent
+from .detokenizer import IncrementalDetokenizer
+from .protocol import GenerationRequest, RequestDone, TokenEvent
 from .requests import check_request
 from .runner import PolicyRunner
 from .sampler import apply_penalties, argmax_rows, sample_token
-from .sequence import RequestState, Sequence, Status
+from .sequence import RequestState, Sequence, Status, finish_request, rerank_scores
 
 log = logging.getLogger("policymix.engine")
 
@@ -64,11 +64,13 @@ class PolicyLogits:
     def __post_init__(self):
         self.slot_of = {seq.seq_id: i for i, seq in enumerate(self.slots)}
 
-    def logprobs(self) -> torch.Tensor:
-        """log_softmax of the logits [B_p, V]: computed once, and only when a request asks for them."""
+    def logprobs(self, seq: Sequence) -> torch.Tensor:
+        """log_softmax of ``seq``'s logits [V] (a sibling's first step reads its leader's row). The
+        batch's log_softmax is computed once, and only when a request asks for per-policy logprobs."""
         if self._logprobs is None:
             self._logprobs = torch.log_softmax(self.logits, dim=-1)
-        return self._logprobs
+        row = self.slot_of.get(seq.seq_id)
+        return self._logprobs[self.slot_of[seq.request.sequences[0].seq_id] if row is None else row]
 
 
 class EngineCore:
@@ -213,7 +215,7 @@ class EngineCore:
         detok = IncrementalDetokenizer(self.registry.policies[first].tokenizer, state.prompts[first],
                                        req.sampling.stop, req.sampling.include_stop_str_in_output,
                                        req.sampling.skip_special_tokens)
-        seq = Sequence(next(self._seq_ids), state, index, gen, detok)
+        seq = Sequence(index, detok, seq_id=next(self._seq_ids), request=state, generator=gen)
         state.sequences.append(seq)
         return seq
 
@@ -280,12 +282,12 @@ class EngineCore:
 
         The design's score is sum_k w_k * log_softmax(l_k); the two differ by sum_k w_k * log Z_k, one
         constant per row, which q = softmax(mixed) and every sampling rule but the repetition penalty
-        ignore (that one reads signs: its rows use the design's score, ``_weighted_logprobs``). Mixing logits saves a log_softmax
-        per policy per step; logprobs are normalised only for the requests that ask for them. When a
-        policy's slots are the rows in order, its logits are added in place without a gather."""
+        ignore (that one reads signs: its rows use the design's score, ``_weighted_logprobs``). Mixing
+        logits saves a log_softmax per policy per step; logprobs are normalised only for the requests
+        that ask for them. A policy whose slots are the rows in order is added without a gather."""
         row_of = {s.seq_id: s.row for s in seqs}
-        S = len(seqs)
-        terms = []  # (logits of the contributing rows, their rows, a scalar weight, rows are 0..n-1)
+        every_row = tuple(range(len(seqs)))
+        terms = []  # (logits of the contributing rows [n, V], their rows, a scalar weight)
         for p in policies:
             pl = logits[p]
             members = [(i, row_of[s.seq_id], w) for i, s in enumerate(pl.slots)
@@ -299,19 +301,19 @@ class EngineCore:
             alpha = ws[0]
             if any(w != alpha for w in ws):  # per-row weights (requests with different recipes)
                 x, alpha = x * torch.tensor(ws, dtype=x.dtype, device=x.device)[:, None], 1.0
-            terms.append((x, rows, alpha, rows == tuple(range(len(rows)))))
-        if len(terms) == 1 and terms[0][2] == 1.0 and terms[0][3] and len(terms[0][1]) == S:
+            terms.append((x, rows, alpha))
+        if len(terms) == 1 and terms[0][1] == every_row and terms[0][2] == 1.0:
             return terms[0][0]  # one policy at weight 1 over every row: its logits as they are
-        full = next((i for i, t in enumerate(terms) if t[3] and len(t[1]) == S), None)
-        if full is not None:
-            first = terms.pop(full)
-            mixed = torch.mul(first[0], first[2])  # a new tensor: the policies' logits stay untouched
+        first = next((i for i, t in enumerate(terms) if t[1] == every_row), None)
+        if first is not None:
+            x, _, alpha = terms.pop(first)
+            mixed = torch.mul(x, alpha)  # a new tensor: the policies' logits stay untouched
         else:
             some = logits[next(iter(policies))].logits
-            mixed = torch.zeros(S, some.shape[1], dtype=torch.float32, device=some.device)
-        for x, rows, alpha, in_order in terms:
-            if in_order:
-                mixed[: len(rows)].add_(x, alpha=alpha)
+            mixed = torch.zeros(len(seqs), some.shape[1], dtype=torch.float32, device=some.device)
+        for x, rows, alpha in terms:
+            if rows == every_row:
+                mixed.add_(x, alpha=alpha)
             else:
                 mixed.index_add_(0, torch.tensor(rows, device=x.device), x, alpha=alpha)
         return mixed
@@ -402,16 +404,9 @@ class EngineCore:
 
     @staticmethod
     def _weighted_logprobs(seq: Sequence, logits: dict[str, PolicyLogits]) -> torch.Tensor:
-        """sum_k w_k * log_softmax(l_k) [V] of one sequence (a sibling's first step reads its leader's row)."""
-        leader = seq.request.sequences[0].seq_id
-        total = None
-        for p, w in seq.request.weights.items():
-            if w == 0.0 or p not in logits:
-                continue
-            pl = logits[p]
-            term = w * pl.logprobs()[pl.slot_of.get(seq.seq_id, pl.slot_of.get(leader))]
-            total = term if total is None else total + term
-        return total
+        """sum_k w_k * log_softmax(l_k) [V] of one sequence."""
+        terms = [w * logits[p].logprobs(seq) for p, w in seq.request.weights.items() if w != 0.0 and p in logits]
+        return sum(terms[1:], terms[0])
 
     def _record(self, ok, mixed, logits: dict[str, PolicyLogits]) -> None:
         """Logprobs and signals of the chosen tokens, then stop checks and events."""
@@ -425,20 +420,18 @@ class EngineCore:
             logq = torch.log_softmax(mixed.index_select(0, torch.tensor(rows, device=mixed.device)), dim=-1)
             toks = torch.tensor([ok[k][1] for k in need], device=mixed.device)
             chosen = logq.gather(1, toks[:, None])[:, 0].tolist()
-        row_leader = {seq.seq_id: seq.request.sequences[0].seq_id for seq, _ in ok}
         for seq, tok in ok:
             if seq.request.status == Status.FINISHED:  # a sibling failed just before
                 continue
             try:
                 i = logq_of.get(seq.row)
-                self._record_one(seq, tok, None if i is None else logq[i], None if i is None else chosen[i],
-                                 logits, row_leader)
+                self._record_one(seq, tok, None if i is None else logq[i], None if i is None else chosen[i], logits)
             except Exception as err:  # noqa: BLE001 - e.g. a detokenizer or reward-model error: only this request
                 log.exception("post-processing failed for request %s", seq.request.req.request_id)
                 self._fail(seq.request, *_failure(err, "post-processing"))
 
     def _record_one(self, seq: Sequence, tok: int, logq: torch.Tensor | None, chosen: float | None,
-                    logits: dict[str, PolicyLogits], row_leader) -> None:
+                    logits: dict[str, PolicyLogits]) -> None:
         """One sequence's token: its logprobs (``logq`` [V], when the request needs them) and signals,
         then stop checks and the event."""
         state = seq.request
@@ -449,36 +442,17 @@ class EngineCore:
             top = torch.topk(logq, min(sp.logprobs, logq.shape[0]))
             ev.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
         if req.needs_policy_logprobs:
-            pl = {}
-            for p in state.weights:
-                scores = logits[p]
-                slot = scores.slot_of.get(seq.seq_id, scores.slot_of.get(row_leader[seq.seq_id]))
-                pl[p] = float(scores.logprobs()[slot, tok])
-                seq.policy_logprob_sums[p] = seq.policy_logprob_sums.get(p, 0.0) + pl[p]
-            if req.return_policy_logprobs or req.return_token_signals:
-                ev.policy_logprobs = pl
+            pl = {p: float(logits[p].logprobs(seq)[tok]) for p in state.weights}
             pair = state.signal_pair
+            kl = None
             if pair is not None:
-                ev.implicit_reward = pair.beta * (pl[pair.policy] - pl[pair.reference])
-                ref = logits[pair.reference]
-                slot = ref.slot_of.get(seq.seq_id, ref.slot_of.get(row_leader[seq.seq_id]))
-                ev.kl = float((logq.exp() * (logq - ref.logprobs()[slot])).sum().clamp_min(0.0))
-                seq.kl_sum += ev.kl
-                seq.reward_sum += ev.implicit_reward
+                kl = float((logq.exp() * (logq - logits[pair.reference].logprobs(seq))).sum().clamp_min(0.0))
+            seq.observe(ev, req, pl, pair, kl)
         self._advance(seq, tok, ev)
 
     def _advance(self, seq: Sequence, tok: int, ev: TokenEvent) -> None:
         state = seq.request
-        sp = state.req.sampling
-        seq.output_ids.append(tok)
-        seq.cum_logprob += ev.logprob or 0.0
-        seq.finish_reason, seq.stop_reason = finish_reason(tok, len(seq.output_ids), state.eos_ids, sp, seq.detok)
-        ev.text = seq.detok.release(final=seq.finished)
-        ev.finish_reason = seq.finish_reason
-        if state.req.sampling.reranked:
-            seq.events.append(ev)
-        else:
-            state.emit(ev)
+        seq.add_token(tok, ev, state.req.sampling, state.eos_ids, state.emit)
         if seq.finished:
             for p in state.prompts:
                 self.runners[p].remove(seq)
@@ -489,41 +463,15 @@ class EngineCore:
                 seq.feeds[p].append(tok)
 
     def _finish(self, state: RequestState) -> None:
-        req = state.req
-        seqs = state.sequences
-        candidates = None
-        chosen = seqs[: req.sampling.n]
-        if state.req.sampling.reranked:
-            scores = self._scores(state)
-            candidates = [Candidate(s.detok.text, list(s.output_ids), sc, s.finish_reason)
-                          for s, sc in zip(seqs, scores)]
-            order = sorted(range(len(seqs)), key=lambda i: -scores[i])[: req.sampling.n]
-            chosen = [seqs[i] for i in order]
-            for new_index, s in enumerate(chosen):
-                for ev in s.events:
-                    ev.index = new_index
-                    state.emit(ev)
-        results = []
-        for new_index, s in enumerate(chosen):
-            results.append(SequenceResult(
-                index=new_index, text=s.detok.text, token_ids=list(s.output_ids), finish_reason=s.finish_reason,
-                stop_reason=s.stop_reason,
-                kl_to_reference=s.kl_sum if state.signal_pair else None,
-                implicit_reward=s.reward_sum if state.signal_pair else None))
+        scores = self._scores(state) if state.req.sampling.reranked else None
+        done = finish_request(state.sequences, state.req, scores, state.emit, signals=state.signal_pair is not None,
+                              prompt_tokens=state.prompt_len)
         self._release(state)
-        state.emit(RequestDone(
-            prompt_tokens=state.prompt_len, completion_tokens=sum(len(s.output_ids) for s in seqs),
-            sequences=results, weights=dict(req.recipe.weights), candidates=candidates,
-            kl_bound=kl_bound(len(seqs)) if state.req.sampling.reranked else None))
+        state.emit(done)
 
     def _scores(self, state: RequestState) -> list[float]:
         rr = state.req.rerank
-        seqs = state.sequences
-        if rr is None or rr.kind == "logprob":
-            return [s.cum_logprob / max(1, len(s.output_ids)) for s in seqs]
-        if rr.kind == "implicit":
-            spec = rr.implicit
-            return [spec.beta * (s.policy_logprob_sums.get(spec.policy, 0.0) - s.policy_logprob_sums.get(spec.reference, 0.0))
-                    for s in seqs]
-        rm = self.registry.policies[rr.reward_model]
-        return reward_model_scores(rm, state.req.prompt, [s.detok.text for s in seqs])
+        if rr is not None and rr.kind == "reward_model":
+            rm = self.registry.policies[rr.reward_model]
+            return reward_model_scores(rm, state.req.prompt, [s.detok.text for s in state.sequences])
+        return rerank_scores(state.sequences, rr)

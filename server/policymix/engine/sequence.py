@@ -1,4 +1,8 @@
-"""Request and sequence state. Only the scheduler and the engine core change it."""
+"""Request and sequence state. Only the scheduler and the engine core change it.
+
+:class:`SequenceOutput` and :func:`finish_request` are what a sampled token and a finished request
+turn into; the vLLM engine (vllm/jobs.py) uses them too, so both engines answer alike.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,10 @@ from typing import Any, Callable
 
 import torch
 
-from .detokenizer import IncrementalDetokenizer
-from .protocol import GenerationRequest, ImplicitRewardSpec, TokenEvent
+from ..rerank import kl_bound
+from .detokenizer import IncrementalDetokenizer, finish_reason
+from .protocol import (Candidate, GenerationRequest, ImplicitRewardSpec, RequestDone, RerankSpec, SamplingParams,
+                       SequenceResult, TokenEvent)
 
 
 class Status(enum.Enum):
@@ -19,15 +25,11 @@ class Status(enum.Enum):
 
 
 @dataclass
-class Sequence:
-    """One sampled continuation. ``feeds`` holds, per policy, the tokens not yet in its cache."""
+class SequenceOutput:
+    """What one sampled continuation has produced so far."""
 
-    seq_id: int
-    request: "RequestState"
     index: int  # 0..best_of-1 within the request
-    generator: torch.Generator
     detok: IncrementalDetokenizer
-    feeds: dict[str, list[int]] = field(default_factory=dict)
     output_ids: list[int] = field(default_factory=list)
     cum_logprob: float = 0.0
     kl_sum: float = 0.0
@@ -36,11 +38,79 @@ class Sequence:
     events: list[TokenEvent] = field(default_factory=list)  # buffered when best_of > n
     finish_reason: str | None = None
     stop_reason: str | int | None = None
-    row: int = -1  # row in this step's mixed-score matrix
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def observe(self, ev: TokenEvent, req: GenerationRequest, policy_logprobs: dict[str, float],
+                pair: ImplicitRewardSpec | None, kl: float | None) -> None:
+        """Each policy's logprob of the token, its implicit reward and the step's KL(q || pi_ref)."""
+        for name, v in policy_logprobs.items():
+            self.policy_logprob_sums[name] = self.policy_logprob_sums.get(name, 0.0) + v
+        if req.return_policy_logprobs or req.return_token_signals:
+            ev.policy_logprobs = policy_logprobs
+        if pair is not None:
+            ev.implicit_reward = pair.beta * (policy_logprobs[pair.policy] - policy_logprobs[pair.reference])
+            ev.kl = kl
+            self.kl_sum += kl or 0.0
+            self.reward_sum += ev.implicit_reward
+
+    def add_token(self, tok: int, ev: TokenEvent, sp: SamplingParams, eos_ids: set[int],
+                  emit: Callable[[Any], None]) -> None:
+        """Record a sampled token: finish checks, text release, the event out (buffered while best-of
+        candidates wait to be ranked)."""
+        self.output_ids.append(tok)
+        self.cum_logprob += ev.logprob or 0.0
+        self.finish_reason, self.stop_reason = finish_reason(tok, len(self.output_ids), eos_ids, sp, self.detok)
+        ev.text = self.detok.release(final=self.finished)
+        ev.finish_reason = self.finish_reason
+        if sp.reranked:
+            self.events.append(ev)
+        else:
+            emit(ev)
+
+
+def rerank_scores(seqs: list[SequenceOutput], rerank: RerankSpec | None) -> list[float]:
+    """Best-of scores without a reward model: the implicit reward, else the mean mixed logprob."""
+    if rerank is not None and rerank.kind == "implicit":
+        spec = rerank.implicit
+        sums = [s.policy_logprob_sums for s in seqs]
+        return [spec.beta * (x.get(spec.policy, 0.0) - x.get(spec.reference, 0.0)) for x in sums]
+    return [s.cum_logprob / max(1, len(s.output_ids)) for s in seqs]
+
+
+def finish_request(seqs: list[SequenceOutput], req: GenerationRequest, scores: list[float] | None,
+                   emit: Callable[[Any], None], signals: bool, prompt_tokens: int) -> RequestDone:
+    """Emit best-of candidates' buffered events in rank order (``scores``: one per sequence, when
+    reranked); return the closing RequestDone."""
+    sp = req.sampling
+    chosen, candidates = seqs[: sp.n], None
+    if sp.reranked:
+        candidates = [Candidate(s.detok.text, list(s.output_ids), sc, s.finish_reason) for s, sc in zip(seqs, scores)]
+        chosen = [seqs[i] for i in sorted(range(len(seqs)), key=lambda i: -scores[i])[: sp.n]]
+        for new_index, s in enumerate(chosen):
+            for ev in s.events:
+                ev.index = new_index
+                emit(ev)
+    results = [SequenceResult(index=i, text=s.detok.text, token_ids=list(s.output_ids), finish_reason=s.finish_reason,
+                              stop_reason=s.stop_reason, kl_to_reference=s.kl_sum if signals else None,
+                              implicit_reward=s.reward_sum if signals else None)
+               for i, s in enumerate(chosen)]
+    return RequestDone(prompt_tokens=prompt_tokens, completion_tokens=sum(len(s.output_ids) for s in seqs),
+                       sequences=results, weights=dict(req.recipe.weights), candidates=candidates,
+                       kl_bound=kl_bound(len(seqs)) if sp.reranked else None)
+
+
+@dataclass(kw_only=True)
+class Sequence(SequenceOutput):
+    """A native-engine continuation. ``feeds`` holds, per policy, the tokens not yet in its cache."""
+
+    seq_id: int
+    request: "RequestState"
+    generator: torch.Generator
+    feeds: dict[str, list[int]] = field(default_factory=dict)
+    row: int = -1  # row in this step's mixed-score matrix
 
 
 @dataclass

@@ -27,10 +27,11 @@ from ...errors import Overloaded, PolicymixError
 from ...registry import Registry
 from ..protocol import EngineEvent, GenerationRequest, RequestDone, TokenEvent
 from ..requests import RegistryEngineClient, check_request, event_stream
+from ..sequence import SequenceOutput
 from .catalog import load_catalog
 from .checkpoint import Member, read_config, attr_name, build_checkpoint
 from .channel import CHANNEL_KEY, Receiver, new_address
-from .jobs import Job, Seq
+from .jobs import Job
 
 log = logging.getLogger("policymix.engine.vllm")
 
@@ -355,7 +356,7 @@ class VllmEngine(RegistryEngineClient):
         return RequestDone(len(job.prompt), 0, [], dict(job.req.recipe.weights), error=f"{type(err).__name__}: {err}",
                            error_status=status, error_code=code)
 
-    def _sampling_params(self, job: Job, seq: Seq):
+    def _sampling_params(self, job: Job, seq: SequenceOutput):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -380,10 +381,10 @@ class VllmEngine(RegistryEngineClient):
             detokenize=False, output_kind=RequestOutputKind.DELTA, extra_args=extra)
 
     @staticmethod
-    def _seq_key(job: Job, seq: Seq) -> str:
+    def _seq_key(job: Job, seq: SequenceOutput) -> str:
         return f"{job.req.request_id}#{seq.index}"
 
-    async def _run_seq(self, job: Job, seq: Seq) -> None:
+    async def _run_seq(self, job: Job, seq: SequenceOutput) -> None:
         from vllm.inputs import TokensPrompt
 
         llm = self.families[job.req.recipe.family].llm
