@@ -20,7 +20,7 @@ async def one(eng, model, mixture, i):
     req = GenerationRequest(f"b{time.time_ns()}-{i}", model, rec, Prompt(text=f"Hello world {i}"),
                             SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True))
     n = 0
-    async for ev in eng.generate(req):
+    async for ev in eng.generate(eng.plan(req)):
         if not isinstance(ev, RequestDone): n += 1
     return n
 

@@ -8,7 +8,7 @@ can predict every byte of a response. Knobs: ``delay`` per token (disconnect tes
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator
 
 from policymix.engine.protocol import (
@@ -17,6 +17,7 @@ from policymix.engine.protocol import (
     GenerationRequest,
     ModelCard,
     RequestDone,
+    RequestPlan,
     SequenceResult,
     TokenEvent,
 )
@@ -83,6 +84,7 @@ class FakeEngine(EngineClient):
         self.mixtures = {"half": Recipe(weights={"base": 0.5, "dpo": 0.5})}
         self.tokenizers = {0: CharTokenizer(), 1: CharTokenizer(chat_template=False)}
         self.requests: list[GenerationRequest] = []  # every request generate() accepted
+        self.plans: list[RequestPlan] = []  # and its plan
         self.active: set[str] = set()
         self.cancelled: list[str] = []
         self.aborted: list[str] = []
@@ -116,23 +118,33 @@ class FakeEngine(EngineClient):
             return list(p.token_ids)
         return tok(p.text).input_ids
 
-    def prompt_length(self, req: GenerationRequest) -> int:
-        n = len(self._prompt_ids(req))
-        if n + req.sampling.max_tokens > MAX_LEN:
+    def plan(self, req: GenerationRequest) -> RequestPlan:
+        ids = self._prompt_ids(req)
+        n = len(ids)
+        sp = req.sampling
+        max_tokens = sp.max_tokens
+        if max_tokens is None:  # what the context leaves, capped by the key (as the real plan does)
+            max_tokens = max(1, MAX_LEN - n)
+            if req.max_tokens_cap is not None:
+                max_tokens = min(max_tokens, req.max_tokens_cap)
+        if n + max_tokens > MAX_LEN:
             raise ContextTooLong(f"This model's maximum context length is {MAX_LEN} tokens. However, you "
-                                 f"requested {n + req.sampling.max_tokens} tokens ({n} in the prompt, "
-                                 f"{req.sampling.max_tokens} for the completion).", param="max_tokens")
-        return n
+                                 f"requested {n + max_tokens} tokens ({n} in the prompt, "
+                                 f"{max_tokens} for the completion).", param="max_tokens")
+        scorers = (req.rerank.reward_model,) if req.rerank is not None and req.rerank.kind == "reward_model" else ()
+        return RequestPlan(req, replace(sp, max_tokens=max_tokens), dict(req.recipe.active), (), scorers,
+                           {name: ids for name in req.recipe.active}, frozenset({1}), None)
 
-    async def generate(self, req: GenerationRequest) -> AsyncIterator:
+    async def generate(self, plan: RequestPlan) -> AsyncIterator:
         if self.overloaded is not None:
             raise self.overloaded
-        prompt_len = self.prompt_length(req)
+        req = plan.request
         self.requests.append(req)
+        self.plans.append(plan)
         self.active.add(req.request_id)
         done = False
         try:
-            async for ev in self._script(req, prompt_len):
+            async for ev in self._script(req, plan.sampling, plan.prompt_len):
                 yield ev
             done = True
         finally:
@@ -140,8 +152,7 @@ class FakeEngine(EngineClient):
             if not done:
                 self.cancelled.append(req.request_id)
 
-    async def _script(self, req: GenerationRequest, prompt_len: int):
-        sp = req.sampling
+    async def _script(self, req: GenerationRequest, sp, prompt_len: int):
         tok = self.tokenizers[req.recipe.family]
         width = max(sp.n, sp.best_of or 1)
         texts = [SCRIPT + str(j) for j in range(width)]

@@ -107,7 +107,7 @@ def test_chat_default_max_tokens_respects_the_key_limit(client):
     engine = client.app.state.serving.engine
     r = client.post("/v1/chat/completions", headers=auth("narrow-key"), json={"model": "base", "messages": CHAT})
     assert r.status_code == 200
-    assert engine.requests[-1].sampling.max_tokens == 8
+    assert engine.plans[-1].sampling.max_tokens == 8  # the plan resolves an unset max_tokens
 
 
 def test_models_list_is_filtered_by_scope(client):

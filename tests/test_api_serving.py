@@ -60,8 +60,8 @@ def test_defaults(client, engine):
     sp = engine.requests[0].sampling
     assert (sp.max_tokens, sp.temperature, sp.top_p, sp.n, sp.best_of, sp.logprobs) == (16, 1.0, 1.0, 1, None, None)
     chat(client)  # chat without max_tokens: what the context leaves (64 - prompt)
-    req = engine.requests[1]
-    assert req.sampling.max_tokens == 64 - engine.prompt_length(req)
+    req, plan = engine.requests[1], engine.plans[1]
+    assert req.sampling.max_tokens is None and plan.sampling.max_tokens == 64 - plan.prompt_len
     assert req.prompt.messages == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
 
 

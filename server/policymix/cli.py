@@ -327,7 +327,7 @@ async def _demo_outputs(engine, a: str, b: str, weights: list[float], prompt: st
     async def one(i: int, w: float) -> str:
         recipe = engine.compile(a, {"weights": {a: 1.0 - w, b: w}})
         req = GenerationRequest(f"demo-{i}", a, recipe, p, SamplingParams(max_tokens=max_tokens, temperature=0.0))
-        async for ev in engine.generate(req):
+        async for ev in engine.generate(engine.plan(req)):
             if isinstance(ev, RequestDone):
                 if ev.error:
                     return f"(failed: {ev.error})"

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import Config, PolicySpec
-from .engine.protocol import ImplicitRewardSpec, Prompt
+from .request_types import ImplicitRewardSpec, Prompt
 from .errors import ConfigError, ContextTooLong, PolicymixError
 from .mixing.recipes import PolicyInfo
 
@@ -35,6 +35,7 @@ class LoadedPolicy:
     dtype: Any
     beta: float | None = None
     source: tuple[str, str | None, str | None] | None = None  # (weights path or hub id, gguf file, adapter)
+    eos_ids: frozenset[int] = frozenset()  # the tokenizer's EOS and the generation config's (HF generate stops on both)
 
     @property
     def kind(self) -> str:
@@ -200,6 +201,21 @@ def _read_metadata(source: tuple[str, str | None, str | None]) -> dict:
     return {}
 
 
+def _eos_ids(tokenizer, model, path: str) -> frozenset[int]:
+    """The tokenizer's EOS plus the generation config's: the loaded model's, else the files in ``path``
+    (an engine that loads weights in its own processes reads the same ids)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if model is None:
+        for name in ("generation_config.json", "config.json"):
+            f = Path(path, name)
+            if f.is_file():
+                gen = json.loads(f.read_text()).get("eos_token_id")
+                break
+    ids.update(gen if isinstance(gen, list) else [gen] if gen is not None else [])
+    return frozenset(ids)
+
+
 def _hf_config(path: str) -> dict:
     """A model's config without loading its weights (local folder, or a hub id through transformers)."""
     f = Path(path, "config.json")
@@ -260,7 +276,7 @@ def load_registry(cfg: Config, progress: Callable[[str], None] | None = None,
             name=name, spec=spec, model=model, tokenizer=tok, family=family, vocab_size=len(tok),
             max_len=int(hf.get("max_position_embeddings") or 2048),
             device=device, dtype=dtype, beta=spec.beta if spec.beta is not None else meta.get("beta"),
-            source=source,
+            source=source, eos_ids=_eos_ids(tok, model, source[0]),
         )
     for name, spec in cfg.policies.items():
         if spec.reference and reg.policies[spec.reference].family != reg.policies[name].family:

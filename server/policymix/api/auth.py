@@ -71,8 +71,9 @@ class ApiKey:
             if policy not in allowed:
                 raise _forbidden(f"API key {self.name!r} may not use `{policy}` for reranking", "rerank")
 
-    def authorize_observers(self, policies: list[str], recipe: CompiledRecipe) -> None:
-        """403 unless the key may also use the policies a request only observes (token signals' reference)."""
+    def authorize_policies(self, policies: list[str], recipe: CompiledRecipe) -> None:
+        """403 unless the key may use every policy a request's plan runs or scores with (the recipe's, the
+        observers of token signals and implicit reranking, a reward model), on either engine."""
         if self.spec.policies is None:
             return
         allowed = set(self.spec.policies)

@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..engine.protocol import EngineError, ErrorKind
 from ..errors import Overloaded, PolicymixError
 
 log = logging.getLogger("policymix.api")
@@ -40,8 +41,27 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+# How each engine-level failure answers over HTTP (the engines know no statuses).
+_STATUS = {ErrorKind.OVERLOADED: 503, ErrorKind.OUT_OF_MEMORY: 503, ErrorKind.BAD_INPUT: 400,
+           ErrorKind.INTERNAL: 500}
+
+
+def engine_error(kind: ErrorKind, message: str, code: str | None) -> PolicymixError:
+    """The API error an engine failure stands for: retryable kinds are 503 with retry-after."""
+    status = _STATUS.get(kind, 500)
+    if status == 503:
+        err = Overloaded(message, status=503)
+        if code:  # e.g. queue_timeout, out_of_memory: say which kind of "later"
+            err.code = code
+        return err
+    return ApiError(status, message if status < 500 else f"generation failed: {message}",
+                    code=code or ("engine_error" if status >= 500 else None))
+
+
 def error_payload(exc: BaseException) -> tuple[int, dict, dict[str, str]]:
     """(status, envelope, headers) for any exception; unknown exceptions are a 500 that hides internals."""
+    if isinstance(exc, EngineError):
+        exc = engine_error(exc.kind, exc.message, exc.code)
     if isinstance(exc, PolicymixError):
         headers = {}
         if isinstance(exc, Overloaded):
@@ -88,6 +108,10 @@ def install_handlers(app: FastAPI) -> None:
     async def _policymix(request: Request, exc: PolicymixError) -> JSONResponse:
         if exc.status >= 500:
             log.warning("%s %s: %s", request.method, request.url.path, exc.message)
+        return error_response(exc)
+
+    @app.exception_handler(EngineError)
+    async def _engine(request: Request, exc: EngineError) -> JSONResponse:
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)

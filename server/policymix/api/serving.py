@@ -25,22 +25,24 @@ from pydantic import BaseModel
 from ..config import Config
 from ..engine.protocol import (
     EngineClient,
+    ErrorKind,
     GenerationRequest,
     ImplicitRewardSpec,
     ModelCard,
     Prompt,
     RequestDone,
+    RequestPlan,
     RerankSpec,
     SamplingParams,
     TokenEvent,
 )
-from ..errors import Overloaded, PolicymixError
+from ..errors import PolicymixError
 from ..logs import engine_request_prefix
 from ..mixing.guard import check_recipe
 from ..mixing.recipes import CompiledRecipe, PolicyInfo
 from . import shapes
 from .auth import ApiKey
-from .errors import ApiError, error_payload
+from .errors import ApiError, engine_error, error_payload
 from .metrics import RequestTracker, ServerMetrics
 from .protocol import (
     ChatCompletionRequest,
@@ -67,7 +69,7 @@ class Job:
     response_id: str
     model: str
     recipe: CompiledRecipe
-    requests: list[GenerationRequest]
+    plans: list[RequestPlan]  # one engine request per prompt, planned once
     n: int
     stream: bool
     include_usage: bool
@@ -176,7 +178,7 @@ class Serving:
         response_id = f"{prefix}-{uuid.uuid4().hex}"
         now = time.monotonic()
         timeout = self.config.server.request_timeout_s
-        requests = []
+        plans = []
         for i, prompt in enumerate(prompts):
             req = GenerationRequest(
                 request_id=f"{engine_request_prefix()}{response_id}-{i}", model=body.model, recipe=recipe,
@@ -185,32 +187,17 @@ class Serving:
                 return_token_signals=bool(body.return_token_signals),
                 return_policy_logprobs=bool(body.return_token_signals),
                 arrival_time=now, deadline=now + timeout,
+                max_tokens_cap=key.spec.max_tokens if key is not None else None,
             )
-            self._fit_context(req, max_tokens, key)
-            requests.append(req)
-        if key is not None and requests:
-            key.authorize_observers(self.engine.policies_used(requests[0]), recipe)
+            plan = self.engine.plan(req)  # bad input, a prompt past the context: raised here, naming the field
+            if key is not None:  # every policy the plan runs or scores with: recipe, observers, reward model
+                key.authorize_policies(plan.policies, recipe)
+            plans.append(plan)
         stream = bool(body.stream)
         include_usage = bool(stream and body.stream_options and body.stream_options.include_usage)
         keep = logprobs is not None or bool(body.return_token_signals)
-        return Job(shape, response_id, body.model, recipe, requests, sampling.n, stream, include_usage, keep,
+        return Job(shape, response_id, body.model, recipe, plans, sampling.n, stream, include_usage, keep,
                    tokenizer, key=key)
-
-    def _fit_context(self, req: GenerationRequest, max_tokens: int | None, key: ApiKey | None) -> None:
-        """Check the prompt against the context; an unset max_tokens (chat) takes what is left."""
-        if max_tokens is not None:
-            self.engine.prompt_length(req)  # raises ContextTooLong with the numbers
-            return
-        req.sampling.max_tokens = 1
-        room = self._max_model_len(req.recipe) - self.engine.prompt_length(req)
-        if key is not None and key.spec.max_tokens is not None:
-            room = min(room, key.spec.max_tokens)
-        req.sampling.max_tokens = max(1, room)
-
-    def _max_model_len(self, recipe: CompiledRecipe) -> int:
-        lens = [c.max_model_len for c in self.cards()
-                if c.family == recipe.family and c.max_model_len is not None]
-        return min(lens) if lens else 2048
 
     def _sampling(self, body: _Common, max_tokens: int | None, logprobs: int | None, vocab: int) -> SamplingParams:
         # best_of against n, temperature and the server's maximum is checked by the engine
@@ -218,7 +205,7 @@ class Serving:
             raise ApiError(400, f"min_tokens ({body.min_tokens}) must be <= max_tokens ({max_tokens})",
                            param="min_tokens")
         return SamplingParams(
-            max_tokens=max_tokens or 16,
+            max_tokens=max_tokens,  # None (chat without it): what the context leaves, resolved by the plan
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
             top_k=-1 if body.top_k is None else body.top_k,
@@ -244,7 +231,7 @@ class Serving:
     async def _respond(self, job: Job, http: Request) -> Response:
         if job.key is not None:
             job.key.acquire()
-        trackers = [self.metrics.track(job.model) for _ in job.requests]
+        trackers = [self.metrics.track(job.model) for _ in job.plans]
         events = self._events(job, trackers)
         try:
             if job.stream:  # wait for the first event: errors before any byte get a real status
@@ -275,7 +262,7 @@ class Serving:
             job.key = None
 
     async def _events(self, job: Job, trackers: list[RequestTracker]) -> AsyncIterator[tuple[int, Any]]:
-        async with aclosing(merged(self.engine, job.requests)) as events:
+        async with aclosing(merged(self.engine, job.plans)) as events:
             async for i, ev in events:
                 if isinstance(ev, TokenEvent):
                     trackers[i].token(ev.index)
@@ -344,15 +331,7 @@ class _EventStream(StreamingResponse):
 
 
 def _engine_failure(done: RequestDone) -> PolicymixError:
-    """The error a failed RequestDone stands for (its status when the engine gives one, else 500)."""
-    status = getattr(done, "error_status", None) or 500
-    if status in (429, 503):
-        err = Overloaded(done.error, status=status)
-        if done.error_code:  # e.g. queue_timeout, out_of_memory: say which kind of "later"
-            err.code = done.error_code
-        return err
-    return ApiError(status, done.error if status < 500 else f"generation failed: {done.error}",
-                    code=getattr(done, "error_code", None) or ("engine_error" if status >= 500 else None))
+    return engine_error(done.error_kind or ErrorKind.INTERNAL, done.error, done.error_code)
 
 
 def _data(obj: Any) -> str:

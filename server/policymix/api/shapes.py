@@ -89,7 +89,7 @@ def _signals(events: list[TokenEvent], texts: TokenTexts) -> list[TokenSignal]:
 
 
 def choice_extensions(job: "Job", acc: Accumulator, texts: TokenTexts) -> dict[int, ChoiceExtension]:
-    signals = job.requests[0].return_token_signals
+    signals = job.plans[0].request.return_token_signals
     out = {}
     for i, done in acc.dones.items():
         for s in done.sequences:
@@ -122,7 +122,7 @@ def extension(job: "Job", acc: Accumulator, per_choice: dict[int, ChoiceExtensio
 
 
 def _logprobs_k(job: "Job") -> int | None:
-    return job.requests[0].sampling.logprobs
+    return job.plans[0].sampling.logprobs
 
 
 def completion_logprobs(events: list[TokenEvent], texts: TokenTexts, k: int, offset: int = 0) -> CompletionLogprobs:
@@ -169,8 +169,8 @@ class StreamWriter:
     def __init__(self, job: "Job", acc: Accumulator, texts: TokenTexts):
         self.job, self.acc, self.texts = job, acc, texts
         self.k = _logprobs_k(job)
-        self.left = len(job.requests)
-        self.total = len(job.requests) * job.n
+        self.left = len(job.plans)
+        self.total = len(job.plans) * job.n
         self.extra = {"usage": None} if job.include_usage else {}
 
     def start(self) -> Iterator[Any]:

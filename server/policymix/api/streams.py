@@ -14,7 +14,7 @@ from typing import Any, AsyncIterator, Awaitable, Sequence
 import anyio
 from starlette.requests import Request
 
-from ..engine.protocol import EngineClient, EngineEvent, GenerationRequest, RequestDone
+from ..engine.protocol import EngineClient, EngineEvent, RequestDone, RequestPlan
 
 log = logging.getLogger("policymix.api")
 
@@ -30,7 +30,7 @@ async def _abort(engine: EngineClient, request_ids: list[str]) -> None:
                 log.debug("abort of %s failed", rid, exc_info=True)
 
 
-async def merged(engine: EngineClient, requests: Sequence[GenerationRequest]) -> AsyncIterator[tuple[int, EngineEvent]]:
+async def merged(engine: EngineClient, plans: Sequence[RequestPlan]) -> AsyncIterator[tuple[int, EngineEvent]]:
     """Events of every request as ``(request position, event)``, in arrival order.
 
     Errors raised by ``engine.generate`` (Overloaded, ...) propagate to the consumer. Use inside
@@ -39,9 +39,9 @@ async def merged(engine: EngineClient, requests: Sequence[GenerationRequest]) ->
     finished: set[int] = set()
     queue: asyncio.Queue = asyncio.Queue()
 
-    async def pump(i: int, req: GenerationRequest) -> None:
+    async def pump(i: int, plan: RequestPlan) -> None:
         try:
-            async for ev in engine.generate(req):
+            async for ev in engine.generate(plan):
                 await queue.put((i, ev))
         except BaseException as err:  # noqa: BLE001 - handed to the consumer, which re-raises it
             queue.put_nowait((i, err))
@@ -50,9 +50,9 @@ async def merged(engine: EngineClient, requests: Sequence[GenerationRequest]) ->
         else:
             queue.put_nowait((i, _END))
 
-    tasks = [asyncio.ensure_future(pump(i, r)) for i, r in enumerate(requests)]
+    tasks = [asyncio.ensure_future(pump(i, p)) for i, p in enumerate(plans)]
     try:
-        while len(finished) < len(requests):
+        while len(finished) < len(plans):
             i, item = await queue.get()
             if item is _END:
                 finished.add(i)
@@ -67,7 +67,7 @@ async def merged(engine: EngineClient, requests: Sequence[GenerationRequest]) ->
             t.cancel()
         with anyio.CancelScope(shield=True):
             await asyncio.gather(*tasks, return_exceptions=True)
-        await _abort(engine, [r.request_id for i, r in enumerate(requests) if i not in finished])
+        await _abort(engine, [p.request.request_id for i, p in enumerate(plans) if i not in finished])
 
 
 async def wait_disconnect(request: Request) -> None:

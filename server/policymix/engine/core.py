@@ -1,27 +1,28 @@
-"""The synchronous engine core: ``step()`` = admit, forward every policy, mix, sample, post-process.
+"""The synchronous engine core. ``step()`` = schedule, forward every policy, mix and sample, process.
 
-It knows nothing of threads or HTTP; :mod:`policymix.engine.native` drives it from one thread.
+It knows nothing of threads or HTTP; :mod:`policymix.engine.native` drives it from one thread. The
+scheduler (who runs), the runners (forwards), the sampler and the output processor (text, stops,
+events) each live in their own module; this one turns the policies' logits into step outputs.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict, deque
+from collections import defaultdict
 from dataclasses import dataclass, field
-from itertools import count
 
 import torch
 
-from ..errors import Overloaded, PolicymixError
-from ..rerank import reward_model_scores
+from ..mixing.signals import kl_to_reference
 from ..registry import Registry
-from .detokenizer import IncrementalDetokenizer
-from .protocol import GenerationRequest, RequestDone, TokenEvent
-from .requests import check_request
+from .outputs import OutputProcessor, StepOutput
+from .plan import make_plan
+from .protocol import ErrorKind, GenerationRequest
 from .runner import PolicyRunner
-from .sampler import apply_penalties, argmax_rows, sample_token
-from .sequence import RequestState, Sequence, Status, finish_request, rerank_scores
+from .sampler import RowSampling, sample_rows
+from .scheduler import Scheduler, failure_of
+from .sequence import RequestState, Sequence, Status
 
 log = logging.getLogger("policymix.engine")
 
@@ -32,24 +33,6 @@ def _decode_mode(setting: str, device) -> str:
     if setting == "auto":
         return "graphs" if on_gpu else "dynamic"
     return "static" if setting == "graphs" and not on_gpu else setting
-
-
-def _has_penalties(sp) -> bool:
-    return bool(sp.logit_bias or sp.presence_penalty or sp.frequency_penalty or sp.repetition_penalty != 1.0)
-
-
-def is_oom(err: BaseException) -> bool:
-    """An allocation failure: CUDA's OutOfMemoryError, Python's MemoryError, or the CPU allocator's RuntimeError."""
-    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    return isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
-
-
-def _failure(err: BaseException, what: str) -> tuple[str, str, int]:
-    """(message, code, status) of an exception inside a step: out of memory is 503 (retry), the rest 500."""
-    if is_oom(err):
-        return f"out of memory {what}; retry later", "out_of_memory", 503
-    return f"{what} failed: {type(err).__name__}: {err}", "engine_error", 500
 
 
 @dataclass
@@ -77,8 +60,6 @@ class EngineCore:
     def __init__(self, registry: Registry):
         self.registry = registry
         srv = registry.config.server
-        self.max_num_seqs = srv.max_num_seqs
-        self.max_queue = srv.max_queue
         self.runners: dict[str, PolicyRunner] = {}
         for name, p in registry.policies.items():
             if p.kind != "causal":
@@ -87,173 +68,95 @@ class EngineCore:
             pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
             self.runners[name] = PolicyRunner(name, p.model, p.vocab_size, pad, p.device, p.dtype,
                                               decode=_decode_mode(srv.decode, p.device), cpu_linear=srv.cpu_linear)
-        self.kv_budget = {n: srv.kv_budget_tokens or srv.max_num_seqs * registry.max_model_len(p.family)
-                          for n, p in registry.policies.items()}
-        self.reserved: dict[str, int] = defaultdict(int)
-        self.waiting: deque[RequestState] = deque()
-        self.running: list[RequestState] = []
-        self._seq_ids = count()
-        self._seed_rng = torch.Generator().manual_seed(int(time.time_ns() % (2**31)))
+        kv_budget = {n: srv.kv_budget_tokens or srv.max_num_seqs * registry.max_model_len(p.family)
+                     for n, p in registry.policies.items()}
+        self.scheduler = Scheduler(self.runners, kv_budget, srv.max_num_seqs, srv.max_queue,
+                                   lambda name: registry.policies[name].tokenizer)
+        self.outputs = OutputProcessor(registry, self.scheduler)
         self.timers: dict[str, float] = defaultdict(float)  # cumulative seconds per phase
         self.steps = 0
+
+    # what tests and /metrics read of the scheduler
+    @property
+    def waiting(self):
+        return self.scheduler.waiting
+
+    @property
+    def running(self) -> list[RequestState]:
+        return list(self.scheduler.running)
+
+    @property
+    def reserved(self) -> dict[str, int]:
+        return self.scheduler.reserved
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.scheduler.max_num_seqs
+
+    @max_num_seqs.setter
+    def max_num_seqs(self, value: int) -> None:  # benchmarks cap the batch of a loaded engine
+        self.scheduler.max_num_seqs = value
+
+    @property
+    def max_queue(self) -> int:
+        return self.scheduler.max_queue
+
+    @max_queue.setter
+    def max_queue(self, value: int) -> None:
+        self.scheduler.max_queue = value
 
     # ----- requests in and out -----------------------------------------------------------------
 
     def render(self, req: GenerationRequest) -> RequestState:
-        """Resolve the policies a request runs and render its prompt for each (raises on bad input)."""
-        reg = self.registry
-        pair, observers = check_request(reg, req)
-        weights = dict(req.recipe.active)
-        for name in observers:
-            weights.setdefault(name, 0.0)
-        prompts = {name: reg.policies[name].render(req.prompt) for name in weights}
-        first = reg.policies[next(iter(weights))]
-        eos = set()
-        for p in weights:
-            t = reg.policies[p].tokenizer.eos_token_id
-            if t is not None:
-                eos.add(t)
-            gen_eos = getattr(getattr(reg.policies[p].model, "generation_config", None), "eos_token_id", None)
-            eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
-        state = RequestState(req=req, emit=lambda e: None, prompts=prompts, weights=weights,
-                             signal_pair=pair if req.return_token_signals else None, eos_ids=eos)
-        reg.check_length(first.family, state.prompt_len, req.sampling.max_tokens)
-        self._check_budget(state)
+        """Plan a request (raises on bad input, a budget it could never fit included) and wrap it."""
+        state = RequestState(make_plan(self.registry, req))
+        self.scheduler.check_budget(state)
         return state
 
-    def _check_budget(self, state: RequestState) -> None:
-        """A request that could never fit its policies' KV budgets is bad input (400), not a wait."""
-        for p in state.prompts:
-            if state.reserved_tokens(p) > self.kv_budget[p]:
-                raise PolicymixError(
-                    f"the request needs {state.reserved_tokens(p)} KV-cache tokens of policy {p} "
-                    f"(best_of x (prompt + max_tokens)), more than its budget of {self.kv_budget[p]}",
-                    param="max_tokens")
-
     def add(self, state: RequestState) -> None:
-        self._admit()  # what fits runs now: a burst on an idle engine is not refused for want of a step
-        if len(self.waiting) >= self.max_queue:
-            raise Overloaded(f"the server queue is full ({self.max_queue} waiting requests)", status=503)
-        self._check_budget(state)
-        self.waiting.append(state)
+        """Queue a request (raises scheduler.QueueFull when the queue is full)."""
+        self.scheduler.add(state)
 
     def abort(self, request_id: str) -> None:
-        for state in list(self.waiting):
-            if state.req.request_id == request_id:
-                self.waiting.remove(state)
-        for state in list(self.running):
-            if state.req.request_id == request_id:
-                for seq in state.sequences:
-                    if not seq.finished:
-                        seq.finish_reason = "abort"
-                self._release(state)
+        self.scheduler.abort(request_id)
+        self.outputs.abort(request_id)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return self.scheduler.has_work() or self.outputs.has_work()
 
-    def fail_all(self, message: str, status: int = 503, code: str = "engine_stopped") -> None:
+    def fail_all(self, message: str) -> None:
         """Answer every request inside with an error (shutdown, or a dead loop: the core may be broken)."""
-        for state in list(self.running) + list(self.waiting):
-            try:
-                self._fail(state, message, code=code, status=status)
-            except Exception:  # noqa: BLE001 - the error event went out; a broken cache must not stop the rest
-                log.exception("releasing request %s failed", state.req.request_id)
-        self.waiting.clear()
-
-    # ----- scheduling --------------------------------------------------------------------------
-
-    def _admit(self) -> None:
-        now = time.monotonic()
-        running_seqs = sum(s.best_of for s in self.running)
-        while self.waiting:
-            state = self.waiting[0]
-            if state.req.deadline is not None and now > state.req.deadline:
-                self.waiting.popleft()
-                self._fail(state, "the request waited in the queue longer than its deadline", code="queue_timeout",
-                           status=503)
-                continue
-            fits = all(self.reserved[p] + state.reserved_tokens(p) <= self.kv_budget[p] for p in state.prompts)
-            if running_seqs + state.best_of > self.max_num_seqs or not fits:
-                break
-            self.waiting.popleft()
-            if not self._grow_caches(state):
-                continue
-            running_seqs += state.best_of
-            for p in state.prompts:
-                self.reserved[p] += state.reserved_tokens(p)
-            state.status = Status.RUNNING
-            leader = self._new_sequence(state, 0)
-            for p in state.prompts:
-                leader.feeds[p] = list(state.prompts[p])
-                self.runners[p].add(leader)
-            self.running.append(state)
-
-    def _grow_caches(self, state: RequestState) -> bool:
-        """Allocate the joining request's cache rows now (slots for best_of, room for its prompt), so that
-        running out of memory refuses this request with a 503 instead of failing a step everyone shares."""
-        try:
-            for p, prompt in state.prompts.items():
-                runner = self.runners[p]
-                runner.cache.reserve(len(runner.slots) + state.best_of, max(runner.lengths, default=0) + len(prompt))
-        except Exception as err:  # noqa: BLE001 - only allocation failures are expected here
-            if not is_oom(err):
-                raise
-            log.warning("out of memory admitting request %s: %s", state.req.request_id, err)
-            self._fail(state, *_failure(err, "while admitting the request"))
-            return False
-        return True
-
-    def _new_sequence(self, state: RequestState, index: int) -> Sequence:
-        req = state.req
-        seed = req.sampling.seed
-        gen = torch.Generator()
-        if seed is not None:
-            gen.manual_seed((seed * 1_000_003 + index) % (2**63))  # siblings differ, repeatably
-        else:
-            gen.manual_seed(int(torch.randint(0, 2**62, (), generator=self._seed_rng)))
-        first = next(iter(state.prompts))
-        detok = IncrementalDetokenizer(self.registry.policies[first].tokenizer, state.prompts[first],
-                                       req.sampling.stop, req.sampling.include_stop_str_in_output,
-                                       req.sampling.skip_special_tokens)
-        seq = Sequence(index, detok, seq_id=next(self._seq_ids), request=state, generator=gen)
-        state.sequences.append(seq)
-        return seq
-
-    def _release(self, state: RequestState) -> None:
-        """Free every cache slot and reservation of a request at once."""
-        for seq in state.sequences:
-            for p in state.prompts:
-                runner = self.runners[p]
-                if seq in runner.slots:
-                    runner.remove(seq)
-        if state in self.running:
-            self.running.remove(state)
-            for p in state.prompts:
-                self.reserved[p] -= state.reserved_tokens(p)
-        state.status = Status.FINISHED
-
-    def _fail(self, state: RequestState, message: str, code: str = "engine_error", status: int = 500) -> None:
-        if state.status == Status.FINISHED:
-            return
-        try:
-            self._release(state)
-        finally:  # the client hears of it even if releasing fails
-            state.status = Status.FINISHED
-            state.emit(RequestDone(prompt_tokens=state.prompt_len, completion_tokens=0, sequences=[],
-                                   weights=dict(state.req.recipe.weights), error=message, error_status=status,
-                                   error_code=code))
+        self.scheduler.fail_all(message)
+        self.outputs.fail_all(message)
 
     # ----- one step ----------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def step(self) -> None:
+    def step(self) -> list[StepOutput]:
+        """Schedule, run every policy's forward once, mix and sample, then process the outputs."""
         t0 = time.perf_counter()
-        self._admit()
+        self.scheduler.admit()
         self.timers["schedule"] += time.perf_counter() - t0
-        if not self.running:
-            return
+        if not self.scheduler.running:
+            self.outputs.wait(0.005)  # only reward-model scoring left: let it finish without spinning
+            return []
         self.steps += 1
-        # forward every policy that has sequences, once, over exactly those sequences
+        logits = self._forward()
+        outputs: list[StepOutput] = []
+        for states in self._by_family().values():
+            try:
+                outputs += self._mix_and_sample(states, logits)
+            except Exception as err:  # noqa: BLE001 - a bug or OOM while mixing fails these requests, not the loop
+                log.exception("mixing failed")
+                for state in states:
+                    self.scheduler.fail(state, *failure_of(err, "while mixing"))
+        t = time.perf_counter()
+        self.outputs.process(outputs)
+        self.timers["detok"] += time.perf_counter() - t
+        return outputs
+
+    def _forward(self) -> dict[str, PolicyLogits]:
+        """Every policy that has sequences, once, over exactly those sequences."""
         logits: dict[str, PolicyLogits] = {}
         for name, runner in self.runners.items():
             if not runner.slots:
@@ -263,28 +166,22 @@ class EngineCore:
                 lp = runner.forward()  # [B_p, V] logits
             except Exception as err:  # noqa: BLE001 - fail the requests in this batch, keep serving
                 log.exception("forward of policy %s failed", name)
-                for state in {id(seq.request): seq.request for seq in runner.slots}.values():  # (unhashable)
-                    self._fail(state, *_failure(err, f"in the forward of policy {name}"))
+                for state in dict.fromkeys(seq.request for seq in runner.slots):
+                    self.scheduler.fail(state, *failure_of(err, f"in the forward of policy {name}"))
                 continue
             logits[name] = PolicyLogits(lp, list(runner.slots))
             self.timers[f"forward:{name}"] += time.perf_counter() - t
-        for family_states in self._by_family().values():
-            try:
-                self._mix_and_sample(family_states, logits)
-            except Exception as err:  # noqa: BLE001 - a bug or OOM while mixing fails these requests, not the loop
-                log.exception("mixing failed")
-                for state in family_states:
-                    self._fail(state, *_failure(err, "while mixing"))
+        return logits
 
     @staticmethod
     def _mix(seqs: list[Sequence], policies: set[str], logits: dict[str, PolicyLogits]) -> torch.Tensor:
         """mixed [S, V] = sum_k w_k * l_k over the raw logits, a row per sequence (``seq.row``).
 
         The design's score is sum_k w_k * log_softmax(l_k); the two differ by sum_k w_k * log Z_k, one
-        constant per row, which q = softmax(mixed) and every sampling rule but the repetition penalty
-        ignore (that one reads signs: its rows use the design's score, ``_weighted_logprobs``). Mixing
-        logits saves a log_softmax per policy per step; logprobs are normalised only for the requests
-        that ask for them. A policy whose slots are the rows in order is added without a gather."""
+        constant per row, which q = softmax(mixed), logprobs and every filter ignore. The repetition
+        penalty reads signs, and it reads these raw logits, as vLLM and HF do for one model (design.md).
+        Mixing logits saves a log_softmax per policy per step; logprobs are normalised only for the
+        requests that ask for them. A policy whose slots are the rows in order is added without a gather."""
         row_of = {s.seq_id: s.row for s in seqs}
         every_row = tuple(range(len(seqs)))
         terms = []  # (logits of the contributing rows [n, V], their rows, a scalar weight)
@@ -320,15 +217,15 @@ class EngineCore:
 
     def _by_family(self) -> dict[int, list[RequestState]]:
         groups: dict[int, list[RequestState]] = defaultdict(list)
-        for state in self.running:
+        for state in self.scheduler.running:
             groups[state.req.recipe.family].append(state)
         return groups
 
-    def _mix_and_sample(self, states: list[RequestState], logits: dict[str, PolicyLogits]) -> None:
+    def _mix_and_sample(self, states: list[RequestState], logits: dict[str, PolicyLogits]) -> list[StepOutput]:
         t = time.perf_counter()
         seqs = [s for st in states for s in st.sequences if not s.finished]
         if not seqs:
-            return
+            return []
         policies = {p for st in states for p in st.weights if p in logits}
         # rows follow the slot order of the largest policy batch, so that its logits (and those of every
         # policy whose slots hold the same sequences, as in one-recipe traffic) need no gather
@@ -341,137 +238,65 @@ class EngineCore:
         sources = [s.row for s in seqs]
         for st in states:
             if not st.forked:
-                st.forked = True
-                leader = st.sequences[0]
-                for i in range(1, st.best_of):
-                    sib = self._new_sequence(st, i)
-                    for p in st.prompts:
-                        self.runners[p].fork(leader, sib)
-                        sib.feeds[p] = []
+                for sib in self.scheduler.fork(st):
                     sib.row = len(sources)
-                    sources.append(leader.row)
+                    sources.append(st.sequences[0].row)
                     seqs.append(sib)
         if len(sources) > mixed.shape[0]:
             mixed = mixed.index_select(0, torch.tensor(sources, device=mixed.device))
-        finite = torch.isfinite(mixed.amax(dim=-1))  # a NaN or +inf anywhere, or a row all -inf
-        device = mixed.device
+        bad = (~torch.isfinite(mixed.amax(dim=-1))).tolist()  # a NaN or +inf, or a row all -inf; one host sync
         self.timers["mix"] += time.perf_counter() - t
 
         t = time.perf_counter()
-        bad = (~finite).tolist()  # one host sync, not one per row
-        tokens: list[int | None] = [None] * len(seqs)
-        errors: dict[int, BaseException] = {}  # row -> exception while sampling it (fails only its request)
-        plain = []  # greedy rows with nothing to apply: one batched argmax
-        for i, seq in enumerate(seqs):
+        for seq in seqs:
             if bad[seq.row]:
-                continue
-            sp = seq.request.req.sampling
-            blocked = []
-            if len(seq.output_ids) < sp.min_tokens:
-                blocked = sorted(seq.request.eos_ids | set(sp.stop_token_ids))
-            if sp.temperature == 0.0 and not blocked and not _has_penalties(sp):
-                plain.append(i)
-                continue
-            try:
-                # the repetition penalty scales by sign: it reads the design's score, not the logits
-                row = self._weighted_logprobs(seq, logits) if sp.repetition_penalty != 1.0 else mixed[seq.row]
-                s = apply_penalties(row, sp, seq.request.prompts[next(iter(seq.request.prompts))],
-                                    seq.output_ids, blocked)
-                tokens[i] = sample_token(s, sp, seq.generator)
-            except Exception as err:  # noqa: BLE001 - this request fails, the batch goes on
-                log.exception("sampling failed for request %s", seq.request.req.request_id)
-                errors[i] = err
-        if plain:
-            rows = [seqs[i].row for i in plain]
-            greedy = mixed if rows == list(range(mixed.shape[0])) else mixed.index_select(
-                0, torch.tensor(rows, device=device))
-            for i, tok in zip(plain, argmax_rows(greedy).tolist()):
-                tokens[i] = tok
+                self.scheduler.fail(seq.request, ErrorKind.INTERNAL,
+                                    "the mixed distribution is not finite (NaN or infinite log-probabilities)", "nan")
+        seqs = [seq for seq in seqs if seq.request.status != Status.FINISHED]
+        rows = [self._row_sampling(seq) for seq in seqs]
+        try:
+            tokens = sample_rows(mixed, rows)
+        except Exception as err:  # noqa: BLE001 - these requests fail, the engine goes on
+            log.exception("sampling failed")
+            for seq in seqs:
+                self.scheduler.fail(seq.request, *failure_of(err, "sampling"))
+            return []
         self.timers["sample"] += time.perf_counter() - t
-
         t = time.perf_counter()
-        ok = [(seq, tok) for seq, tok in zip(seqs, tokens) if tok is not None]
-        for i, (seq, tok) in enumerate(zip(seqs, tokens)):
-            if i in errors:
-                self._fail(seq.request, *_failure(errors[i], "sampling"))
-            elif tok is None and seq.request.status != Status.FINISHED:
-                self._fail(seq.request, "the mixed distribution is not finite (NaN or infinite log-probabilities)",
-                           code="nan")
-        ok = [(seq, tok) for seq, tok in ok if seq.request.status != Status.FINISHED]
-        if ok:
-            self._record(ok, mixed, logits)
+        outputs = self._outputs(seqs, tokens, mixed, logits)
         self.timers["detok"] += time.perf_counter() - t
+        return outputs
 
     @staticmethod
-    def _weighted_logprobs(seq: Sequence, logits: dict[str, PolicyLogits]) -> torch.Tensor:
-        """sum_k w_k * log_softmax(l_k) [V] of one sequence."""
-        terms = [w * logits[p].logprobs(seq) for p, w in seq.request.weights.items() if w != 0.0 and p in logits]
-        return sum(terms[1:], terms[0])
+    def _row_sampling(seq: Sequence) -> RowSampling:
+        plan = seq.request.plan
+        sp = plan.sampling
+        blocked = sorted(plan.eos_ids | set(sp.stop_token_ids)) if len(seq.output_ids) < sp.min_tokens else []
+        return RowSampling(seq.row, sp, plan.prompts[plan.leader], seq.output_ids, blocked, seq.generator)
 
-    def _record(self, ok, mixed, logits: dict[str, PolicyLogits]) -> None:
-        """Logprobs and signals of the chosen tokens, then stop checks and events."""
+    def _outputs(self, seqs: list[Sequence], tokens: list[int], mixed: torch.Tensor,
+                 logits: dict[str, PolicyLogits]) -> list[StepOutput]:
+        """Step outputs with the logprobs and signals each request asked for."""
+        outputs = [StepOutput(seq, tok) for seq, tok in zip(seqs, tokens)]
         # q = log_softmax(mixed), only over the rows whose requests need it
-        need = [k for k, (seq, _) in enumerate(ok) if seq.request.req.needs_logprob]
-        logq_of: dict[int, int] = {}  # seq.row -> row of logq
+        need = [out for out in outputs if out.seq.request.req.needs_logprob]
         logq = chosen = None
         if need:
-            rows = [ok[k][0].row for k in need]
-            logq_of = {r: i for i, r in enumerate(rows)}
-            logq = torch.log_softmax(mixed.index_select(0, torch.tensor(rows, device=mixed.device)), dim=-1)
-            toks = torch.tensor([ok[k][1] for k in need], device=mixed.device)
+            rows = torch.tensor([o.seq.row for o in need], device=mixed.device)
+            logq = torch.log_softmax(mixed.index_select(0, rows), dim=-1)  # [N, V]
+            toks = torch.tensor([o.token for o in need], device=mixed.device)
             chosen = logq.gather(1, toks[:, None])[:, 0].tolist()
-        for seq, tok in ok:
-            if seq.request.status == Status.FINISHED:  # a sibling failed just before
-                continue
-            try:
-                i = logq_of.get(seq.row)
-                self._record_one(seq, tok, None if i is None else logq[i], None if i is None else chosen[i], logits)
-            except Exception as err:  # noqa: BLE001 - e.g. a detokenizer or reward-model error: only this request
-                log.exception("post-processing failed for request %s", seq.request.req.request_id)
-                self._fail(seq.request, *_failure(err, "post-processing"))
-
-    def _record_one(self, seq: Sequence, tok: int, logq: torch.Tensor | None, chosen: float | None,
-                    logits: dict[str, PolicyLogits]) -> None:
-        """One sequence's token: its logprobs (``logq`` [V], when the request needs them) and signals,
-        then stop checks and the event."""
-        state = seq.request
-        req = state.req
-        sp = req.sampling
-        ev = TokenEvent(index=seq.index, token_id=tok, text="", logprob=chosen)
-        if sp.logprobs:
-            top = torch.topk(logq, min(sp.logprobs, logq.shape[0]))
-            ev.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
-        if req.needs_policy_logprobs:
-            pl = {p: float(logits[p].logprobs(seq)[tok]) for p in state.weights}
-            pair = state.signal_pair
-            kl = None
-            if pair is not None:
-                kl = float((logq.exp() * (logq - logits[pair.reference].logprobs(seq))).sum().clamp_min(0.0))
-            seq.observe(ev, req, pl, pair, kl)
-        self._advance(seq, tok, ev)
-
-    def _advance(self, seq: Sequence, tok: int, ev: TokenEvent) -> None:
-        state = seq.request
-        seq.add_token(tok, ev, state.req.sampling, state.eos_ids, state.emit)
-        if seq.finished:
-            for p in state.prompts:
-                self.runners[p].remove(seq)
-            if all(s.finished for s in state.sequences) and len(state.sequences) == state.best_of:
-                self._finish(state)
-        else:
-            for p in state.prompts:
-                seq.feeds[p].append(tok)
-
-    def _finish(self, state: RequestState) -> None:
-        scores = self._scores(state) if state.req.sampling.reranked else None
-        done = finish_request(state.sequences, state.req, scores, state.emit, signals=state.signal_pair is not None,
-                              prompt_tokens=state.prompt_len)
-        self._release(state)
-        state.emit(done)
-
-    def _scores(self, state: RequestState) -> list[float]:
-        rr = state.req.rerank
-        if rr is not None and rr.kind == "reward_model":
-            rm = self.registry.policies[rr.reward_model]
-            return reward_model_scores(rm, state.req.prompt, [s.detok.text for s in state.sequences])
-        return rerank_scores(state.sequences, rr)
+        for i, out in enumerate(need):
+            out.logprob = chosen[i]
+            k = out.seq.request.plan.sampling.logprobs
+            if k:
+                top = torch.topk(logq[i], min(k, logq.shape[1]))
+                out.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
+            pair = out.seq.request.plan.signal_pair
+            if pair is not None:  # (token signals need the logprob: logq is there)
+                out.kl = float(kl_to_reference(logq[i], logits[pair.reference].logprobs(out.seq)))
+        for out in outputs:
+            plan = out.seq.request.plan
+            if plan.request.needs_policy_logprobs:
+                out.policy_logprobs = {p: float(logits[p].logprobs(out.seq)[out.token]) for p in plan.weights}
+        return outputs

@@ -14,11 +14,13 @@ import time
 from typing import Any, AsyncIterator, Callable
 
 from ..config import Config
-from ..errors import Overloaded, PolicymixError
+from ..errors import PolicymixError
 from ..registry import Registry, load_registry
 from .core import EngineCore
-from .protocol import EngineEvent, GenerationRequest, RequestDone
+from .protocol import EngineError, EngineEvent, ErrorKind, GenerationRequest, RequestPlan
 from .requests import RegistryEngineClient, event_stream
+from .scheduler import QueueFull
+from .sequence import RequestState
 
 log = logging.getLogger("policymix.engine")
 
@@ -48,15 +50,13 @@ class NativeEngine(RegistryEngineClient):
 
     # ----- EngineClient ------------------------------------------------------------------------
 
-    def prompt_length(self, request: GenerationRequest) -> int:
-        return self.core.render(request).prompt_len
+    def plan(self, request: GenerationRequest) -> RequestPlan:
+        return self.core.render(request).plan  # the KV budget checked too: a request that could never fit is bad input
 
-    def policies_used(self, request: GenerationRequest) -> list[str]:
-        return list(self.core.render(request).weights)
-
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
+    async def generate(self, plan: RequestPlan) -> AsyncIterator[EngineEvent]:
         self._check_open()
-        state = self.core.render(request)  # bad input raises here, before anything is queued
+        state = RequestState(plan)
+        request = plan.request
 
         def start(emit) -> None:
             state.emit = emit
@@ -77,11 +77,13 @@ class NativeEngine(RegistryEngineClient):
 
     def _check_open(self) -> None:
         if self._dead or self._draining or self._stopping:
-            raise Overloaded("the engine is not accepting requests (shutting down or stopped)", status=503)
+            raise EngineError(ErrorKind.OVERLOADED, "the engine is not accepting requests (shutting down or stopped)",
+                              "engine_stopped")
 
     def _check_room(self) -> None:
         if len(self.core.waiting) + self._pending >= self.core.max_queue + self.core.max_num_seqs:
-            raise Overloaded(f"the server is full ({self.core.max_queue} requests waiting)", status=503)
+            raise EngineError(ErrorKind.OVERLOADED, f"the server is full ({self.core.max_queue} requests waiting)",
+                              "server_overloaded")
 
     async def abort(self, request_id: str) -> None:
         self._post(("abort", request_id))
@@ -124,6 +126,7 @@ class NativeEngine(RegistryEngineClient):
         self._wake.set()
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 5.0)
+        self.core.outputs.close()
 
     # ----- the loop ----------------------------------------------------------------------------
 
@@ -135,11 +138,14 @@ class NativeEngine(RegistryEngineClient):
                 self._pending -= 1
                 try:
                     self.core.add(arg)
+                except QueueFull as err:
+                    arg.emit(arg.plan.failure(ErrorKind.OVERLOADED, str(err), "server_overloaded"))
                 except PolicymixError as err:
-                    _refuse(arg, err.message, err.status, err.code)
+                    arg.emit(arg.plan.failure(ErrorKind.BAD_INPUT, err.message, err.code))
                 except Exception as err:  # noqa: BLE001 - e.g. out of memory while admitting: this request only
                     log.exception("admitting request %s failed", arg.req.request_id)
-                    _refuse(arg, f"admission failed: {type(err).__name__}: {err}", 500, "engine_error")
+                    arg.emit(arg.plan.failure(ErrorKind.INTERNAL, f"admission failed: {type(err).__name__}: {err}",
+                                              "engine_error"))
             elif kind == "abort":
                 self.core.abort(arg)
             elif kind == "fail_all":
@@ -176,10 +182,5 @@ class NativeEngine(RegistryEngineClient):
             self._pending = 0
         for kind, arg in items:
             if kind == "add":
-                _refuse(arg, message, 503, "engine_stopped")
+                arg.emit(arg.plan.failure(ErrorKind.OVERLOADED, message, "engine_stopped"))
         self.core.fail_all(message)
-
-
-def _refuse(state, message: str, status: int, code: str | None) -> None:
-    state.emit(RequestDone(state.prompt_len, 0, [], dict(state.req.recipe.weights), error=message,
-                           error_status=status, error_code=code))

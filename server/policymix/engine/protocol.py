@@ -6,17 +6,21 @@ The HTTP layer depends only on :class:`EngineClient`; an engine depends on nothi
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
+import enum
+from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Literal
 
 from ..mixing.recipes import CompiledRecipe
+from ..request_types import ImplicitRewardSpec, Prompt
+
+__all__ = ["ImplicitRewardSpec", "Prompt"]  # re-exported: the engine boundary's request types
 
 
 @dataclass
 class SamplingParams:
     """Per-request decoding settings (OpenAI + vLLM names)."""
 
-    max_tokens: int = 16
+    max_tokens: int | None = 16  # None: what the context leaves after the prompt (the plan resolves it)
     temperature: float = 1.0  # 0: greedy (argmax of the mixed score)
     top_p: float = 1.0
     top_k: int = -1  # -1 or 0: off
@@ -48,31 +52,12 @@ class SamplingParams:
 
 
 @dataclass
-class ImplicitRewardSpec:
-    """The DPO implicit reward ``beta * (log pi_policy - log pi_reference)``."""
-
-    policy: str
-    reference: str
-    beta: float
-
-
-@dataclass
 class RerankSpec:
     """How best-of-n candidates are scored: 'logprob' (mean mixed logprob), a reward model, or implicit."""
 
     kind: Literal["logprob", "reward_model", "implicit"] = "logprob"
     reward_model: str | None = None
     implicit: ImplicitRewardSpec | None = None
-
-
-@dataclass
-class Prompt:
-    """Exactly one of text, token_ids or messages. Each policy renders it with its own system prompt."""
-
-    text: str | None = None
-    token_ids: list[int] | None = None
-    messages: list[dict[str, Any]] | None = None
-    add_generation_prompt: bool = True
 
 
 @dataclass
@@ -88,6 +73,7 @@ class GenerationRequest:
     return_policy_logprobs: bool = False
     arrival_time: float = 0.0
     deadline: float | None = None  # monotonic time after which a still-queued request is dropped
+    max_tokens_cap: int | None = None  # caps an unset max_tokens (an API key's limit)
 
     @property
     def needs_logprob(self) -> bool:
@@ -139,6 +125,23 @@ class SequenceResult:
     implicit_reward: float | None = None
 
 
+class ErrorKind(str, enum.Enum):
+    """Why an engine could not serve a request; the API alone turns a kind into an HTTP status."""
+
+    OVERLOADED = "overloaded"  # no room now, queued past the deadline, or shutting down: retry later
+    OUT_OF_MEMORY = "out_of_memory"  # an allocation failed: retry later, perhaps smaller
+    BAD_INPUT = "bad_input"  # the request itself cannot run (the engine refused its fields)
+    INTERNAL = "internal"  # a bug or a broken engine
+
+
+class EngineError(Exception):
+    """Raised by ``EngineClient.generate`` before anything is queued (e.g. the queue is full)."""
+
+    def __init__(self, kind: ErrorKind, message: str, code: str | None = None):
+        super().__init__(message)
+        self.kind, self.message, self.code = kind, message, code
+
+
 @dataclass
 class RequestDone:
     """The last event of a request."""
@@ -150,11 +153,68 @@ class RequestDone:
     candidates: list[Candidate] | None = None
     kl_bound: float | None = None
     error: str | None = None  # set when the request failed inside the engine
-    error_status: int = 500  # HTTP status for ``error`` (503/429: retry later; 400: bad input)
-    error_code: str | None = None
+    error_kind: ErrorKind | None = None  # with ``error``
+    error_code: str | None = None  # finer than the kind: queue_timeout, engine_stopped, nan, ...
+
+    @classmethod
+    def failure(cls, kind: ErrorKind, message: str, code: str | None, prompt_tokens: int,
+                weights: dict[str, float]) -> "RequestDone":
+        """The one way an engine says that a request failed."""
+        return cls(prompt_tokens, 0, [], dict(weights), error=message, error_kind=kind, error_code=code)
 
 
 EngineEvent = TokenEvent | RequestDone
+
+
+@dataclass(eq=False)
+class RequestPlan:
+    """Everything a request needs, computed once (``engine/plan.py``) and read by the API and both engines.
+
+    ``weights`` lists every policy whose forward runs for the request: the recipe's (non-zero weights)
+    first, then the observers at weight 0 (the token-signal pair, an implicit-rerank pair).
+    """
+
+    request: GenerationRequest
+    sampling: SamplingParams  # the request's, with max_tokens resolved (never None)
+    weights: dict[str, float]
+    observers: tuple[str, ...]  # policies that run only to be observed (weight 0)
+    scorers: tuple[str, ...]  # reward models that score best-of candidates
+    prompts: dict[str, list[int]]  # policy -> its rendered prompt ids (its own system prompt first)
+    eos_ids: frozenset[int]  # EOS of the recipe's policies (observers never change when a text ends)
+    signal_pair: ImplicitRewardSpec | None  # token signals' (policy, reference, beta), when asked for
+
+    @property
+    def policies(self) -> list[str]:
+        """Every policy the request uses (recipe, observers, reward models): what a key must allow."""
+        return [*self.weights, *self.scorers]
+
+    @property
+    def leader(self) -> str:
+        """The policy whose rendering detokenizes the output (the recipe's first)."""
+        return next(iter(self.weights))
+
+    @property
+    def prompt_len(self) -> int:
+        return max(len(p) for p in self.prompts.values())
+
+    @property
+    def candidates(self) -> int:
+        return self.sampling.candidates
+
+    def reserved_tokens(self, policy: str) -> int:
+        """KV cells the request may need in ``policy``'s cache (every candidate's prompt and output)."""
+        return self.candidates * (len(self.prompts[policy]) + self.sampling.max_tokens)
+
+    def seed(self, index: int) -> int | None:
+        """Candidate ``index``'s sampling seed: distinct per candidate and repeatable (None: unseeded)."""
+        s = self.sampling.seed
+        return None if s is None else (s * 1_000_003 + index) % (2**63)
+
+    def failure(self, kind: ErrorKind, message: str, code: str | None = None) -> RequestDone:
+        return RequestDone.failure(kind, message, code, self.prompt_len, self.request.recipe.weights)
+
+    def with_sampling(self, **changes: Any) -> "RequestPlan":
+        return replace(self, sampling=replace(self.sampling, **changes))
 
 
 @dataclass
@@ -181,16 +241,12 @@ class EngineClient(abc.ABC):
         """The tokenizer shared by the family that ``model`` (policy or mixture) belongs to."""
 
     @abc.abstractmethod
-    def prompt_length(self, request: GenerationRequest) -> int:
-        """The longest per-policy prompt of the request (raises ContextTooLong past the context)."""
-
-    def policies_used(self, request: GenerationRequest) -> list[str]:
-        """Every policy the request runs: the recipe's plus observers (token signals, implicit rerank)."""
-        return list(request.recipe.active)
+    def plan(self, request: GenerationRequest) -> RequestPlan:
+        """Check and render a request once (raises PolicymixError naming the field, ContextTooLong)."""
 
     @abc.abstractmethod
-    def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
-        """Submit and stream events; ends with one RequestDone. Raises Overloaded when full."""
+    def generate(self, plan: RequestPlan) -> AsyncIterator[EngineEvent]:
+        """Submit and stream events; ends with one RequestDone. Raises EngineError when it cannot queue."""
 
     @abc.abstractmethod
     async def abort(self, request_id: str) -> None: ...

@@ -1,7 +1,7 @@
-"""What every engine checks of a request before queueing it, and the shared registry-backed methods.
+"""The EngineClient methods both engines share (registry-backed), and the event pump.
 
-Both engines (native and vLLM) validate the same fields with the same messages, resolve the same
-token-signal pair and run the same observer policies (weight 0: signals, implicit reranking).
+Both engines plan a request with :func:`policymix.engine.plan.make_plan`, so they validate the same
+fields with the same messages, run the same observers and stop on the same EOS ids.
 """
 
 from __future__ import annotations
@@ -9,49 +9,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any, AsyncIterator, Callable
 
-from ..errors import PolicymixError
 from ..mixing.recipes import CompiledRecipe, compile_recipe
 from ..registry import Registry
-from .protocol import EngineClient, EngineEvent, GenerationRequest, ImplicitRewardSpec, ModelCard, RequestDone
-
-
-def check_request(registry: Registry, req: GenerationRequest) -> tuple[ImplicitRewardSpec | None, list[str]]:
-    """Raise PolicymixError (400, naming the field) for bad best-of / rerank / signals fields; return the
-    token-signal pair (or None) and the policies the request only observes."""
-    sp, rr = req.sampling, req.rerank
-    pols = registry.policies
-    max_best_of = registry.config.server.max_best_of
-    best_of = sp.best_of or sp.n
-    if best_of < sp.n:
-        raise PolicymixError(f"best_of ({best_of}) must be >= n ({sp.n})", param="best_of")
-    if best_of > max_best_of:
-        raise PolicymixError(f"best_of {best_of} is above the server's maximum {max_best_of}", param="best_of")
-    if best_of > sp.n and sp.temperature == 0:
-        raise PolicymixError("best_of > n with temperature 0 would give identical candidates", param="best_of")
-    if rr is not None and rr.kind == "reward_model":
-        rm = pols.get(rr.reward_model)
-        if rm is None:
-            raise PolicymixError(f"unknown reward model {rr.reward_model!r}", param="rerank.reward_model")
-        if rm.kind != "reward":
-            raise PolicymixError(f"{rr.reward_model!r} is a policy, not a reward model", param="rerank.reward_model")
-    if rr is not None and rr.kind == "implicit" and (rr.implicit is None or not rr.implicit.beta > 0):
-        raise PolicymixError("rerank.implicit.beta must be > 0", param="rerank.implicit.beta")
-    if req.signals is not None and not req.signals.beta > 0:
-        raise PolicymixError("signals.beta must be > 0", param="signals.beta")
-    pair = req.signals or registry.default_signal_pair(req.recipe)
-    observers: list[str] = []
-    if req.return_token_signals and pair is not None:
-        observers += [pair.policy, pair.reference]
-    if rr is not None and rr.kind == "implicit":
-        observers += [rr.implicit.policy, rr.implicit.reference]
-    for name in observers:
-        p = pols.get(name)
-        if p is None or p.kind != "causal":
-            raise PolicymixError(f"unknown policy {name!r} for signals / rerank", param="rerank.implicit")
-        if p.family != req.recipe.family:
-            raise PolicymixError(f"policy {name!r} uses a different tokenizer than the mixture",
-                                 param="rerank.implicit")
-    return pair, list(dict.fromkeys(observers))
+from .plan import make_plan
+from .protocol import EngineClient, EngineEvent, GenerationRequest, ModelCard, RequestDone, RequestPlan
 
 
 class RegistryEngineClient(EngineClient):
@@ -72,6 +33,9 @@ class RegistryEngineClient(EngineClient):
 
     def compile(self, model: str, mixture: Any) -> CompiledRecipe:
         return compile_recipe(mixture, model, self.registry.infos(), self.registry.config.mixtures)
+
+    def plan(self, request: GenerationRequest) -> RequestPlan:
+        return make_plan(self.registry, request)
 
     def tokenizer(self, model: str) -> Any:
         reg = self.registry

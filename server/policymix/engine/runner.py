@@ -46,6 +46,7 @@ class PolicyRunner:
         self.dtype = dtype
         self.cache_kw = _cache_keyword(model)
         self.slots: list = []  # sequences in slot order
+        self._slot: dict = {}  # sequence -> its slot (sequences hash by identity)
         self.lengths: list[int] = []  # tokens cached per slot
         self.forwards = 0  # forward passes run (metrics)
         self.split_steps = 0  # steps whose joining prompts ran apart from the decoding rows
@@ -57,9 +58,13 @@ class PolicyRunner:
         return len(self.slots)
 
     def slot_of(self, seq) -> int:
-        return self.slots.index(seq)
+        return self._slot[seq]
+
+    def holds(self, seq) -> bool:
+        return seq in self._slot
 
     def add(self, seq, length: int = 0) -> int:
+        self._slot[seq] = len(self.slots)
         self.slots.append(seq)
         self.lengths.append(length)
         return len(self.slots) - 1
@@ -73,11 +78,12 @@ class PolicyRunner:
 
     def remove(self, seq) -> None:
         """Free ``seq``'s slot at once; the last slot moves into the hole."""
-        hole = self.slot_of(seq)
+        hole = self._slot.pop(seq)
         last = len(self.slots) - 1
         if hole != last:
             self.cache.copy_slot(last, hole, self.lengths[last])
             self.slots[hole], self.lengths[hole] = self.slots[last], self.lengths[last]
+            self._slot[self.slots[hole]] = hole
         self.slots.pop()
         self.lengths.pop()
 

@@ -1,4 +1,4 @@
-"""Request and sequence state. Only the scheduler and the engine core change it.
+"""Request and sequence state. Only the scheduler and the output processor change it.
 
 :class:`SequenceOutput` and :func:`finish_request` are what a sampled token and a finished request
 turn into; the vLLM engine (vllm/jobs.py) uses them too, so both engines answer alike.
@@ -14,17 +14,18 @@ import torch
 
 from ..rerank import kl_bound
 from .detokenizer import IncrementalDetokenizer, finish_reason
-from .protocol import (Candidate, GenerationRequest, ImplicitRewardSpec, RequestDone, RerankSpec, SamplingParams,
-                       SequenceResult, TokenEvent)
+from .protocol import (Candidate, GenerationRequest, ImplicitRewardSpec, RequestDone, RequestPlan, RerankSpec,
+                       SamplingParams, SequenceResult, TokenEvent)
 
 
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    SCORING = "scoring"  # every candidate finished, its cache freed; a reward model ranks them
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)
 class SequenceOutput:
     """What one sampled continuation has produced so far."""
 
@@ -56,7 +57,7 @@ class SequenceOutput:
             self.kl_sum += kl or 0.0
             self.reward_sum += ev.implicit_reward
 
-    def add_token(self, tok: int, ev: TokenEvent, sp: SamplingParams, eos_ids: set[int],
+    def add_token(self, tok: int, ev: TokenEvent, sp: SamplingParams, eos_ids: frozenset[int],
                   emit: Callable[[Any], None]) -> None:
         """Record a sampled token: finish checks, text release, the event out (buffered while best-of
         candidates wait to be ranked)."""
@@ -80,11 +81,11 @@ def rerank_scores(seqs: list[SequenceOutput], rerank: RerankSpec | None) -> list
     return [s.cum_logprob / max(1, len(s.output_ids)) for s in seqs]
 
 
-def finish_request(seqs: list[SequenceOutput], req: GenerationRequest, scores: list[float] | None,
-                   emit: Callable[[Any], None], signals: bool, prompt_tokens: int) -> RequestDone:
+def finish_request(seqs: list[SequenceOutput], plan: RequestPlan, scores: list[float] | None,
+                   emit: Callable[[Any], None]) -> RequestDone:
     """Emit best-of candidates' buffered events in rank order (``scores``: one per sequence, when
     reranked); return the closing RequestDone."""
-    sp = req.sampling
+    sp, signals = plan.sampling, plan.signal_pair is not None
     chosen, candidates = seqs[: sp.n], None
     if sp.reranked:
         candidates = [Candidate(s.detok.text, list(s.output_ids), sc, s.finish_reason) for s, sc in zip(seqs, scores)]
@@ -97,12 +98,12 @@ def finish_request(seqs: list[SequenceOutput], req: GenerationRequest, scores: l
                               stop_reason=s.stop_reason, kl_to_reference=s.kl_sum if signals else None,
                               implicit_reward=s.reward_sum if signals else None)
                for i, s in enumerate(chosen)]
-    return RequestDone(prompt_tokens=prompt_tokens, completion_tokens=sum(len(s.output_ids) for s in seqs),
-                       sequences=results, weights=dict(req.recipe.weights), candidates=candidates,
+    return RequestDone(prompt_tokens=plan.prompt_len, completion_tokens=sum(len(s.output_ids) for s in seqs),
+                       sequences=results, weights=dict(plan.request.recipe.weights), candidates=candidates,
                        kl_bound=kl_bound(len(seqs)) if sp.reranked else None)
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, eq=False)
 class Sequence(SequenceOutput):
     """A native-engine continuation. ``feeds`` holds, per policy, the tokens not yet in its cache."""
 
@@ -113,28 +114,40 @@ class Sequence(SequenceOutput):
     row: int = -1  # row in this step's mixed-score matrix
 
 
-@dataclass
+@dataclass(eq=False)
 class RequestState:
-    """A request inside the engine: its sequences, rendered prompts and where its events go."""
+    """A request inside the native engine: its plan, its sequences and where its events go."""
 
-    req: GenerationRequest
-    emit: Callable[[Any], None]  # thread-safe sink for TokenEvent / RequestDone
-    prompts: dict[str, list[int]]  # policy -> rendered prompt ids (every policy the sequences run)
-    weights: dict[str, float]  # policy -> weight (0 for observers: signals, implicit rerank)
-    signal_pair: ImplicitRewardSpec | None
-    eos_ids: set[int]
+    plan: RequestPlan
+    emit: Callable[[Any], None] = lambda ev: None  # thread-safe sink for TokenEvent / RequestDone
     status: Status = Status.WAITING
     sequences: list[Sequence] = field(default_factory=list)
     forked: bool = False  # siblings created (after the leader's prefill)
+    live: int = 0  # sequences not yet finished
+
+    @property
+    def req(self) -> GenerationRequest:
+        return self.plan.request
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return self.plan.sampling
+
+    @property
+    def prompts(self) -> dict[str, list[int]]:
+        return self.plan.prompts
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return self.plan.weights
 
     @property
     def best_of(self) -> int:
-        return self.req.sampling.candidates
+        return self.plan.candidates
 
     @property
     def prompt_len(self) -> int:
-        return max(len(p) for p in self.prompts.values())
+        return self.plan.prompt_len
 
     def reserved_tokens(self, policy: str) -> int:
-        """KV cells this request may need in ``policy``'s cache (admission control)."""
-        return self.best_of * (len(self.prompts[policy]) + self.req.sampling.max_tokens)
+        return self.plan.reserved_tokens(policy)

@@ -7,9 +7,10 @@ in one KV-cache group with one block table, and vLLM's scheduler, paged cache an
 serve them all. Each sub-model is an attribute named with letters (``pol_a``...).
 
 ``forward`` runs every sub-model on the same tokens and returns their hidden states side by side
-``[T, sum H_k]``; ``compute_logits`` splits them and returns the mixed score
-``s = sum_k w_k * log_softmax(l_k)[:V]`` per row, with each row's weights from the weight table
-(:mod:`.table`).
+``[T, sum H_k]``; ``compute_logits`` splits them and returns the mixed raw logits
+``sum_k w_k * l_k[:V]`` per row (the native engine's score: the same q as ``sum_k w_k log pi_k``, and
+vLLM's repetition penalty then reads raw logits as it does for one model), with each row's weights
+from the weight table (:mod:`.table`).
 
 Policies that no request of the current batch uses are skipped, in ``compute_logits`` always and
 in ``forward`` when no CUDA graph is captured (a graph replays every sub-model). Their KV cache is
@@ -93,8 +94,9 @@ class MixturePolicyForCausalLM(nn.Module):
         live = table is not None and table.num_reqs == rows  # else a warm-up or profiling run
         weights = table.weights[:rows] if live else hidden_states.new_zeros(rows, len(self.members))  # [B, K]
         used = table.used if live else [True] * len(self.members)
+        watching = live and table.watching
         mixed = None
-        logps: dict[int, torch.Tensor] = {}
+        logps: dict[int, torch.Tensor] = {}  # per-policy log-probs, only for watched rows' signals
         parts = hidden_states.split(self.hidden_sizes, dim=-1)
         for k, (sub, h) in enumerate(zip(self._subs(), parts)):
             if not used[k]:
@@ -102,13 +104,17 @@ class MixturePolicyForCausalLM(nn.Module):
             logits = sub.compute_logits(h)  # [B, V_k]; None on tensor-parallel ranks > 0
             if logits is None:
                 return None
-            logp = logps[k] = torch.log_softmax(logits[:, : self.vocab].float(), dim=-1)  # [B, V]
+            logits = logits[:, : self.vocab].float()  # [B, V]
+            if watching:
+                logps[k] = torch.log_softmax(logits, dim=-1)
+            # raw logits, as the native engine mixes: sum_k w_k l_k differs from sum_k w_k log pi_k by a
+            # constant per row, so q and logprobs are the same, and repetition_penalty sees raw logits
             w = weights[:, k : k + 1]  # [B, 1]
-            term = torch.where(w != 0, w * logp, 0.0)  # a weight of 0 never meets a -inf
+            term = torch.where(w != 0, w * logits, 0.0)  # a weight of 0 never meets a -inf
             mixed = term if mixed is None else mixed.add_(term)
         if mixed is None:
             mixed = hidden_states.new_zeros(rows, self.vocab, dtype=torch.float32)
-        if live and table.watching:  # per-policy logprobs of the tokens about to be sampled (table.py)
+        if watching:  # per-policy logprobs of the tokens about to be sampled (table.py)
             table.keep(logps, mixed.clone())
         return mixed  # [B, V]
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import aclosing
-import json
 import logging
 import os
 import threading
@@ -23,10 +22,10 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 from ...config import Config
-from ...errors import Overloaded, PolicymixError
+from ...errors import PolicymixError
 from ...registry import Registry
-from ..protocol import EngineEvent, GenerationRequest, RequestDone, TokenEvent
-from ..requests import RegistryEngineClient, check_request, event_stream
+from ..protocol import EngineError, EngineEvent, ErrorKind, GenerationRequest, RequestDone, RequestPlan, TokenEvent
+from ..requests import RegistryEngineClient, event_stream
 from ..sequence import SequenceOutput
 from .catalog import load_catalog
 from .checkpoint import Member, read_config, attr_name, build_checkpoint
@@ -66,18 +65,6 @@ class _Family:
     llm: Any = None  # vllm AsyncLLM
 
 
-def _eos_ids(path: str, tokenizer) -> set[int]:
-    """The tokenizer's EOS plus the checkpoint's generation config EOS (as the native engine stops)."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    for name in ("generation_config.json", "config.json"):
-        f = Path(path, name)
-        if f.is_file():
-            eos = json.loads(f.read_text()).get("eos_token_id")
-            ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-            break
-    return ids
-
-
 def _kv_bytes_per_token(path: str, dtype_bytes: int) -> int:
     cfg = read_config(path)
     text = cfg.get("text_config") or cfg
@@ -95,8 +82,7 @@ class VllmEngine(RegistryEngineClient):
         self._progress = progress or (lambda msg: None)
         self.families: dict[int, _Family] = {}
         self.unservable: dict[str, str] = {}  # policy -> why the vLLM engine cannot run it
-        self._eos = {name: _eos_ids(path, registry.policies[name].tokenizer) for name, path in paths.items()}
-        self._jobs: dict[str, Future] = {}
+        self._jobs: dict[str, tuple[Job, Future]] = {}
         self._receiver: Receiver | None = None  # per-policy logprobs from the workers (channel.py)
         self._running_seqs = 0
         self._draining = False
@@ -198,55 +184,56 @@ class VllmEngine(RegistryEngineClient):
 
     # ----- EngineClient -----------------------------------------------------------------------
 
-    def prompt_length(self, request: GenerationRequest) -> int:
-        return len(self._job(request).prompt)
-
-    def _job(self, req: GenerationRequest) -> Job:
-        """Check a request and render its prompt (raises PolicymixError with the field at fault)."""
-        reg, sp = self.registry, req.sampling
-        for name in req.recipe.active:
+    def plan(self, request: GenerationRequest) -> RequestPlan:
+        """The shared plan, refused where a policy it runs cannot run here (raises naming the field)."""
+        for name in request.recipe.active:
             if name in self.unservable:
-                raise PolicymixError(self.unservable[name], param="mixture" if req.recipe.form != "single" else "model")
-        pair, observers = check_request(reg, req)
-        for name in observers:
+                raise PolicymixError(self.unservable[name], param="mixture" if request.recipe.form != "single" else "model")
+        plan = super().plan(request)
+        for name in plan.observers:
             if name in self.unservable:
                 raise PolicymixError(self.unservable[name], param="rerank.implicit")
-        fam = self.families[req.recipe.family]
-        first = reg.policies[next(iter(req.recipe.active))]
-        prompt = first.render(req.prompt)
-        reg.check_length(req.recipe.family, len(prompt), sp.max_tokens)
-        weights = [float(req.recipe.weights.get(name, 0.0)) for name in fam.members]
-        eos = set().union(*(self._eos[name] for name in req.recipe.active))
-        reported = list(dict.fromkeys([*req.recipe.active, *observers]))
-        return Job(req, prompt, weights, eos, first.tokenizer, policies={n: fam.members.index(n) for n in reported},
-                   signal_pair=pair if req.return_token_signals else None)
+        return plan
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
+    def _job(self, plan: RequestPlan) -> Job:
+        fam = self.families[plan.request.recipe.family]
+        weights = [float(plan.weights.get(name, 0.0)) for name in fam.members]
+        # every policy of a family sees one rendering here (prompted policies are refused at start)
+        tokenizer = self.registry.policies[plan.leader].tokenizer
+        return Job(plan, weights, tokenizer, policies={n: fam.members.index(n) for n in plan.weights})
+
+    async def generate(self, plan: RequestPlan) -> AsyncIterator[EngineEvent]:
         if self._dead or self._draining:
-            raise Overloaded("the engine is not accepting requests (shutting down or stopped)", status=503)
-        job = self._job(request)  # bad input raises here, before anything is queued
+            raise EngineError(ErrorKind.OVERLOADED, "the engine is not accepting requests (shutting down or stopped)",
+                              "engine_stopped")
         srv = self.registry.config.server
-        if len(self._jobs) >= srv.max_num_seqs + srv.max_queue:
-            raise Overloaded(f"the server is full ({srv.max_queue} requests waiting)", status=503)
-        rid = request.request_id
+        if self._waiting() >= srv.max_num_seqs + srv.max_queue:  # the native engine's rule
+            raise EngineError(ErrorKind.OVERLOADED, f"the server is full ({srv.max_queue} requests waiting)",
+                              "server_overloaded")
+        job = self._job(plan)
+        rid = plan.request.request_id
 
         def start(emit) -> None:
             job.emit = emit
-            self._jobs[rid] = self._call(self._run(job))
+            self._jobs[rid] = (job, self._call(self._run(job)))
 
         def finish(done: bool) -> None:
-            fut = self._jobs.pop(rid, None)
-            if not done and fut is not None:  # the client went away: abort its vLLM requests now
-                fut.cancel()
+            entry = self._jobs.pop(rid, None)
+            if not done and entry is not None:  # the client went away: abort its vLLM requests now
+                entry[1].cancel()
 
         async with aclosing(event_stream(start, finish)) as events:  # closed at once if our consumer leaves
             async for ev in events:
                 yield ev
 
+    def _waiting(self) -> int:
+        """Requests inside that have not produced a token yet (queued in vLLM, or in their prefill)."""
+        return sum(1 for job, _ in self._jobs.values() if not any(s.output_ids for s in job.seqs))
+
     async def abort(self, request_id: str) -> None:
-        fut = self._jobs.get(request_id)
-        if fut is not None:
-            fut.cancel()
+        entry = self._jobs.get(request_id)
+        if entry is not None:
+            entry[1].cancel()
 
     def is_healthy(self) -> bool:
         if self._dead is not None or not self._thread.is_alive():
@@ -256,7 +243,8 @@ class VllmEngine(RegistryEngineClient):
     def stats(self) -> dict[str, Any]:
         unfinished = {f: fam.llm.output_processor.get_num_unfinished_requests()
                       for f, fam in self.families.items() if fam.llm is not None}
-        return {"running": self._running_seqs, "running_requests": len(self._jobs), "waiting": 0,
+        waiting = self._waiting()
+        return {"running": self._running_seqs, "running_requests": len(self._jobs) - waiting, "waiting": waiting,
                 "forwards": {}, "vllm_unfinished": unfinished}
 
     async def start(self) -> None:
@@ -268,7 +256,7 @@ class VllmEngine(RegistryEngineClient):
         end = time.monotonic() + deadline_s
         while self._jobs and time.monotonic() < end:
             await asyncio.sleep(0.02)
-        for fut in list(self._jobs.values()):
+        for _, fut in list(self._jobs.values()):
             fut.cancel()
         await asyncio.get_running_loop().run_in_executor(None, self._close_now)
 
@@ -311,7 +299,7 @@ class VllmEngine(RegistryEngineClient):
             await asyncio.gather(*tasks)
             scores = None  # job.done: the implicit reward or the mean logprob
             rr = job.req.rerank
-            if job.req.sampling.reranked and rr is not None and rr.kind == "reward_model":
+            if job.plan.sampling.reranked and rr is not None and rr.kind == "reward_model":
                 from ...rerank import reward_model_scores
 
                 rm = self.registry.policies[rr.reward_model]
@@ -326,9 +314,8 @@ class VllmEngine(RegistryEngineClient):
             me = asyncio.current_task()
             if not expired or (me is not None and getattr(me, "cancelling", lambda: 0)()):
                 raise
-            final = RequestDone(len(job.prompt), 0, [], dict(job.req.recipe.weights),
-                                error="the request waited in the queue longer than its deadline",
-                                error_status=503, error_code="queue_timeout")
+            final = job.plan.failure(ErrorKind.OVERLOADED, "the request waited in the queue longer than its deadline",
+                                     "queue_timeout")
         except Exception as err:  # noqa: BLE001 - fail this request, keep serving
             for t in tasks:
                 t.cancel()
@@ -344,17 +331,16 @@ class VllmEngine(RegistryEngineClient):
         from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        status, code = 500, "engine_error"
+        kind, code = ErrorKind.INTERNAL, "engine_error"
         if isinstance(err, (VLLMClientError, ValueError)):
-            status, code = 400, "invalid_request"
+            kind, code = ErrorKind.BAD_INPUT, "invalid_request"
         elif isinstance(err, EngineDeadError):
             self._dead = f"{type(err).__name__}: {err}"
             if self.on_fatal:
                 self.on_fatal(self._dead)
         else:
             log.exception("vLLM request %s failed", job.req.request_id, exc_info=err)
-        return RequestDone(len(job.prompt), 0, [], dict(job.req.recipe.weights), error=f"{type(err).__name__}: {err}",
-                           error_status=status, error_code=code)
+        return job.plan.failure(kind, f"{type(err).__name__}: {err}", code)
 
     def _sampling_params(self, job: Job, seq: SequenceOutput):
         from vllm import SamplingParams
@@ -362,18 +348,18 @@ class VllmEngine(RegistryEngineClient):
 
         from .plugin import KEY_ARG, OBSERVE_ARG, REFERENCE_ARG, WEIGHTS_ARG
 
-        sp = job.req.sampling
+        plan = job.plan
+        sp = plan.sampling
         extra: dict[str, Any] = {WEIGHTS_ARG: job.weights}
         if job.req.needs_policy_logprobs:
             extra[OBSERVE_ARG] = sorted(job.policies.values())
             extra[KEY_ARG] = self._seq_key(job, seq)
-            if job.signal_pair is not None:
-                extra[REFERENCE_ARG] = job.policies[job.signal_pair.reference]
-        stop_ids = set(sp.stop_token_ids) | (set() if sp.ignore_eos else job.eos_ids)
-        seed = None if sp.seed is None else (sp.seed * 1_000_003 + seq.index) % (2**63)
+            if plan.signal_pair is not None:
+                extra[REFERENCE_ARG] = job.policies[plan.signal_pair.reference]
+        stop_ids = set(sp.stop_token_ids) | (set() if sp.ignore_eos else plan.eos_ids)
         return SamplingParams(
             n=1, max_tokens=sp.max_tokens, temperature=sp.temperature, top_p=sp.top_p,
-            top_k=sp.top_k if sp.top_k > 0 else 0, min_p=sp.min_p, seed=seed,
+            top_k=sp.top_k if sp.top_k > 0 else 0, min_p=sp.min_p, seed=plan.seed(seq.index),
             stop_token_ids=sorted(stop_ids), ignore_eos=True,  # EOS is one of the stop ids (min_tokens blocks them)
             min_tokens=sp.min_tokens, logprobs=sp.logprobs or 0,  # the chosen token's logprob always
             presence_penalty=sp.presence_penalty, frequency_penalty=sp.frequency_penalty,
@@ -388,7 +374,7 @@ class VllmEngine(RegistryEngineClient):
         from vllm.inputs import TokensPrompt
 
         llm = self.families[job.req.recipe.family].llm
-        k = job.req.sampling.logprobs
+        k = job.plan.sampling.logprobs
         key = self._seq_key(job, seq)
         watch = job.req.needs_policy_logprobs
         if watch:

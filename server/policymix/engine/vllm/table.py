@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
+from ...mixing.signals import kl_to_reference
 from .channel import CHANNEL_KEY, Sender
 from .plugin import KEY_ARG, OBSERVE_ARG, POLICIES_KEY, REFERENCE_ARG, WEIGHTS_ARG, register
 
@@ -117,7 +118,7 @@ class WeightTable(LogitsProcessor):
             kl = None
             if w.reference is not None and w.reference in logps:
                 logq = torch.log_softmax(mixed[i].float(), dim=-1)  # [V]
-                kl = float((logq.exp() * (logq - logps[w.reference][i])).sum().clamp_min(0.0))
+                kl = float(kl_to_reference(logq, logps[w.reference][i]))
             out.append([w.key, n, values, kl])
         if self.sender is not None:
             self.sender.send(out)

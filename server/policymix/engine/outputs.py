@@ -1,0 +1,129 @@
+"""Step outputs and the output processor: what a sampled token turns into once the forward is done.
+
+:class:`StepOutput` is plain data (a sequence, its token and the numbers the request asked for); the
+core's ``step()`` returns a list of them. :class:`OutputProcessor` then does the per-token work that
+needs no tensors, as vLLM's OutputProcessor does: detokenization, stop strings, signals, events, and
+closing finished requests. Reward-model reranking runs on its own thread, so scoring one best-of
+request never stalls the other streams' steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+
+import torch
+
+from ..registry import Registry
+from ..rerank import reward_model_scores
+from .protocol import ErrorKind, TokenEvent
+from .scheduler import Scheduler, failure_of
+from .sequence import RequestState, Sequence, Status, finish_request, rerank_scores
+
+log = logging.getLogger("policymix.engine")
+
+
+@dataclass(eq=False)
+class StepOutput:
+    """One sequence's sampled token of a step."""
+
+    seq: Sequence
+    token: int
+    logprob: float | None = None  # log_softmax(mixed)[token], when the request needs it
+    top_logprobs: list[tuple[int, float]] | None = None
+    policy_logprobs: dict[str, float] | None = None  # each policy's log pi_k(token), when asked for
+    kl: float | None = None  # KL(q || pi_ref) of the step, with token signals
+
+
+class OutputProcessor:
+    def __init__(self, registry: Registry, scheduler: Scheduler):
+        self.registry = registry
+        self.scheduler = scheduler
+        self._scoring: dict[RequestState, Future] = {}  # reward-model reranks in flight
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()  # a scored request ends once: by its result, an abort or a failure
+
+    def process(self, outputs: list[StepOutput]) -> None:
+        """Record every output's token (finish checks, text, event), then let the scheduler feed it on or
+        free the slots; a request whose candidates have all finished is closed."""
+        for out in outputs:
+            seq = out.seq
+            state = seq.request
+            if state.status == Status.FINISHED:  # a sibling failed just before
+                continue
+            try:
+                ev = TokenEvent(index=seq.index, token_id=out.token, text="", logprob=out.logprob,
+                                top_logprobs=out.top_logprobs)
+                if out.policy_logprobs is not None:
+                    seq.observe(ev, state.req, out.policy_logprobs, state.plan.signal_pair, out.kl)
+                seq.add_token(out.token, ev, state.sampling, state.plan.eos_ids, state.emit)
+                self.scheduler.update(seq, out.token)
+                if seq.finished and self.scheduler.done(state):
+                    self._close(state)
+            except Exception as err:  # noqa: BLE001 - e.g. a detokenizer error: only this request fails
+                log.exception("post-processing failed for request %s", state.req.request_id)
+                self.scheduler.fail(state, *failure_of(err, "post-processing"))
+
+    def _close(self, state: RequestState) -> None:
+        """Free the request's cache now; rank its candidates (a reward model: off this thread) and end it."""
+        self.scheduler.release(state)
+        rr = state.req.rerank
+        if not (state.sampling.reranked and rr is not None and rr.kind == "reward_model"):
+            scores = rerank_scores(state.sequences, rr) if state.sampling.reranked else None
+            state.emit(finish_request(state.sequences, state.plan, scores, state.emit))
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="policymix-rerank")
+        state.status = Status.SCORING
+        self._scoring[state] = self._pool.submit(self._score_and_finish, state)
+
+    def _score_and_finish(self, state: RequestState) -> None:
+        try:
+            rm = self.registry.policies[state.req.rerank.reward_model]
+            with torch.inference_mode():
+                scores = reward_model_scores(rm, state.req.prompt, [s.detok.text for s in state.sequences])
+            done = finish_request(state.sequences, state.plan, scores, state.emit)
+        except Exception as err:  # noqa: BLE001 - this request fails, the engine goes on
+            log.exception("reward-model scoring failed for request %s", state.req.request_id)
+            done = state.plan.failure(*failure_of(err, "reward-model scoring"))
+        self._end(state, done)
+
+    def _end(self, state: RequestState, done) -> None:
+        with self._lock:
+            if state.status != Status.SCORING:  # aborted or failed meanwhile
+                return
+            state.status = Status.FINISHED
+        if done is not None:
+            state.emit(done)
+
+    def reap(self) -> None:
+        """Forget finished scoring jobs (called between steps)."""
+        for state in [s for s, f in self._scoring.items() if f.done()]:
+            del self._scoring[state]
+
+    def wait(self, timeout: float) -> None:
+        """Until a scoring job ends, at most ``timeout`` seconds (at once when none runs)."""
+        self.reap()
+        if self._scoring:
+            wait(list(self._scoring.values()), timeout=timeout, return_when=FIRST_COMPLETED)
+
+    def has_work(self) -> bool:
+        self.reap()
+        return bool(self._scoring)
+
+    def abort(self, request_id: str) -> None:
+        for state in list(self._scoring):
+            if state.req.request_id == request_id:
+                self._end(state, None)  # its result is dropped when it comes
+
+    def fail_all(self, message: str) -> None:
+        for state in list(self._scoring):
+            self._end(state, state.plan.failure(ErrorKind.OVERLOADED, message, "engine_stopped"))
+        self._scoring.clear()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
