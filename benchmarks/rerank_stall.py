@@ -527,7 +527,9 @@ def main(argv: list[str] | None = None) -> int:
     contention_note = "" if contention is None else (
         f"\nMachine check (no engine): a fixed decode-sized matmul loop takes {contention['probe_ms_alone']:.1f} ms per "
         f"iteration alone and {contention['probe_ms_with_other_process_scoring']:.1f} ms while the scoring loop of D runs "
-        f"in another process ({contention['slowdown']:.2f}x): on this VM, work on the second vCPU slows the first.\n")
+        f"in another process ({contention['slowdown']:.2f}x; other processes used "
+        f"{contention['foreign_cpu_s'] or 0:.2f} CPU s meanwhile). A ratio near 1 means the two vCPUs do not slow "
+        f"each other, so D/A measures what else is shared.\n")
     notes = f"""
 Medians over {args.repeats} repeats, scenarios run alternately ({', '.join(res['scenarios'])} per repeat)
 on one `NativeEngine` after a short warm-up of each. ITL = gap between consecutive `TokenEvent` arrivals of one

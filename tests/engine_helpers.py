@@ -69,3 +69,22 @@ def oracle_mixed_logprobs(registry, weights: dict[str, float], prompts: dict[str
         term = w * torch.log_softmax(logits, -1)
         total = term if total is None else total + term
     return torch.log_softmax(total, -1)
+
+
+@torch.inference_mode()
+def formula_greedy(registry, weights: dict[str, float], prompts: dict[str, list[int]], leader: str, n: int,
+                   rep: float, presence: float, frequency: float) -> list[int]:
+    """Greedy tokens of the penalised raw mixed logits, by full no-cache forwards."""
+    out: list[int] = []
+    for _ in range(n):
+        raw = None
+        for name, w in weights.items():
+            pol = registry.policies[name]
+            logits = pol.model(input_ids=torch.tensor([prompts[name] + out])).logits[0, -1, : pol.vocab_size].float()
+            raw = w * logits if raw is None else raw + w * logits
+        for tok in set(prompts[leader]) | set(out):
+            raw[tok] = raw[tok] / rep if raw[tok] > 0 else raw[tok] * rep
+        for tok in set(out):
+            raw[tok] -= frequency * out.count(tok) + presence
+        out.append(int(raw.argmax()))
+    return out

