@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import abc
 import enum
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Literal
 
 from ..mixing.recipes import CompiledRecipe
-from ..request_types import ImplicitRewardSpec, Prompt
-
-__all__ = ["ImplicitRewardSpec", "Prompt"]  # re-exported: the engine boundary's request types
+from ..request_types import ImplicitRewardSpec, Prompt  # noqa: F401 - re-exported: the boundary's request types
 
 
 @dataclass
@@ -212,9 +210,6 @@ class RequestPlan:
 
     def failure(self, kind: ErrorKind, message: str, code: str | None = None) -> RequestDone:
         return RequestDone.failure(kind, message, code, self.prompt_len, self.request.recipe.weights)
-
-    def with_sampling(self, **changes: Any) -> "RequestPlan":
-        return replace(self, sampling=replace(self.sampling, **changes))
 
 
 @dataclass
