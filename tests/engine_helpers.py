@@ -6,7 +6,7 @@ import itertools
 
 import torch
 
-from policymix.engine.protocol import GenerationRequest, Prompt, RequestDone, SamplingParams, TokenEvent
+from policymix.engine.protocol import GenerationRequest, Prompt, PromptEvent, RequestDone, SamplingParams, TokenEvent
 
 _ids = itertools.count()
 
@@ -27,11 +27,15 @@ class Collector:
 
     def __init__(self):
         self.events: list[TokenEvent] = []
+        self.prompt: PromptEvent | None = None
         self.done: RequestDone | None = None
 
     def __call__(self, ev):
         if isinstance(ev, RequestDone):
             self.done = ev
+        elif isinstance(ev, PromptEvent):
+            assert self.prompt is None and not self.events, "the prompt's logprobs come once, before any token"
+            self.prompt = ev
         else:
             self.events.append(ev)
 

@@ -75,6 +75,7 @@ class _Common(_Request):
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     include_stop_str_in_output: bool | None = False
     skip_special_tokens: bool | None = True
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)  # each prompt token's logprob + top k
     # mixing extension
     mixture: str | dict[str, Any] | None = None  # a named mixture or an inline recipe (compiled by the engine)
     rerank: Rerank | None = None
@@ -106,7 +107,7 @@ def _check_prompt(v: Any) -> Any:
 
 class CompletionRequest(_Common):
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: int | None = Field(default=16, ge=1)
+    max_tokens: int | None = Field(default=16, ge=0)  # 0: score the prompt only (echo with logprobs)
     echo: bool | None = False
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
@@ -151,7 +152,7 @@ class ChatCompletionRequest(_Common):
 
 
 class TokenizeRequest(_Request):
-    model: str
+    model: str | None = None  # None: the first served policy (as vLLM, which serves one model)
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     add_special_tokens: bool | None = True
@@ -159,7 +160,7 @@ class TokenizeRequest(_Request):
 
 
 class DetokenizeRequest(_Request):
-    model: str
+    model: str | None = None
     tokens: list[Annotated[int, Field(ge=0)]]
 
 
@@ -212,12 +213,24 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
+class PromptTokenLogprob(BaseModel):
+    """vLLM's ``Logprob``: one entry of a prompt position's ``prompt_logprobs`` dict (keyed by token id)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+PromptLogprobs = list[dict[str, PromptTokenLogprob] | None]  # one per prompt token; the first is null
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM extra
     policymix: ChoiceExtension | None = None
 
 
@@ -274,6 +287,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM extra
     policymix: PolicymixExtension | None = None
 
 
@@ -299,6 +313,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatStreamChoice]
     usage: Usage | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM extra: in the first chunk
     policymix: PolicymixExtension | None = None
 
 

@@ -54,6 +54,10 @@ def build_routers(serving: Serving, keys: KeyRing, config: Config) -> list[APIRo
     async def tokenize(body: TokenizeRequest, k: ApiKey | None = Depends(key)) -> TokenizeResponse:
         return serving.tokenize(body, k)
 
+    @extras.get("/tokenizer_info")
+    async def tokenizer_info(model: str | None = None, k: ApiKey | None = Depends(key)) -> JSONResponse:
+        return JSONResponse(serving.tokenizer_info(model, k))
+
     @extras.post("/detokenize", response_model=DetokenizeResponse)
     async def detokenize(body: DetokenizeRequest, k: ApiKey | None = Depends(key)) -> DetokenizeResponse:
         return serving.detokenize(body, k)

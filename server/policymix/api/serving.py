@@ -76,6 +76,8 @@ class Job:
     keep_events: bool  # logprobs or token signals need every TokenEvent
     tokenizer: Any  # of the recipe's family (an inline mixture may differ from `model`'s)
     echo: list[str] | None = None  # completions with echo: each prompt's text
+    echo_logprobs: bool = False  # completions with echo and logprobs: the prompt tokens' logprobs come first
+    prompt_logprobs: int | None = None  # vLLM's prompt_logprobs: top k per prompt position, in vLLM's shape
     key: ApiKey | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -114,28 +116,43 @@ class Serving:
                 return card
         raise ApiError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
 
-    def _tokenizer(self, model: str, key: ApiKey | None) -> Any:
+    def _tokenizer(self, model: str | None, key: ApiKey | None) -> tuple[str, Any]:
+        """(model, its tokenizer); no model: the first served policy the key may use (vLLM serves one)."""
+        if model is None:
+            cards = [c for c in self.list_models(key).data if c.policymix.kind == "policy"]
+            if not cards:
+                raise ApiError(404, "no policy is served to this key", param="model", code="model_not_found")
+            model = cards[0].id
         self.model_card(model, key)  # 404 for unknown or out-of-scope names
-        return self.engine.tokenizer(model)
+        return model, self.engine.tokenizer(model)
+
+    def tokenizer_info(self, model: str | None, key: ApiKey | None) -> dict[str, Any]:
+        """vLLM's /tokenizer_info: what lm-eval's remote tokenizer reads (special tokens, chat template)."""
+        model, tok = self._tokenizer(model, key)
+        template = getattr(tok, "chat_template", None)
+        special = {name: getattr(tok, name, None) for name in ("eos_token", "bos_token", "pad_token", "unk_token")}
+        return {"model": model, "tokenizer_class": type(tok).__name__, **special,
+                "chat_template": template if isinstance(template, str) else None,
+                "model_max_length": self.model_card(model, key).max_model_len, "vocab_size": len(tok)}
 
     def tokenize(self, body: TokenizeRequest, key: ApiKey | None) -> TokenizeResponse:
-        tok = self._tokenizer(body.model, key)
+        model, tok = self._tokenizer(body.model, key)
         if (body.prompt is None) == (body.messages is None):
             raise ApiError(400, "send exactly one of prompt or messages", param="prompt")
         if body.messages is not None:
             if not getattr(tok, "chat_template", None):
-                raise ApiError(400, f"model `{body.model}` has no chat template", param="messages",
+                raise ApiError(400, f"model `{model}` has no chat template", param="messages",
                                code="no_chat_template")
             text = tok.apply_chat_template([{"role": m.role, "content": m.text()} for m in body.messages],
                                            add_generation_prompt=bool(body.add_generation_prompt), tokenize=False)
             ids = tok(text, add_special_tokens=False).input_ids
         else:
             ids = tok(body.prompt, add_special_tokens=bool(body.add_special_tokens)).input_ids
-        return TokenizeResponse(count=len(ids), max_model_len=self.model_card(body.model, key).max_model_len,
+        return TokenizeResponse(count=len(ids), max_model_len=self.model_card(model, key).max_model_len,
                                 tokens=list(ids))
 
     def detokenize(self, body: DetokenizeRequest, key: ApiKey | None) -> DetokenizeResponse:
-        tok = self._tokenizer(body.model, key)
+        _, tok = self._tokenizer(body.model, key)
         bad = [t for t in body.tokens if t >= len(tok)]
         if bad:
             raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{len(tok) - 1})", param="tokens")
@@ -145,12 +162,14 @@ class Serving:
 
     async def completions(self, body: CompletionRequest, key: ApiKey | None, http: Request) -> Response:
         prompts = [Prompt(text=p) if isinstance(p, str) else Prompt(token_ids=list(p)) for p in body.prompts()]
-        if body.echo and body.logprobs is not None:
-            raise ApiError(400, "echo with logprobs needs prompt logprobs, which this server does not compute",
-                           param="echo")
-        job = self._prepare(body, key, prompts, shapes.COMPLETION, body.max_tokens, body.logprobs, "cmpl")
+        # echo with logprobs returns the prompt tokens' logprobs first (the first one null), as OpenAI's
+        # legacy completions and vLLM do; max_tokens 0 with echo scores without generating
+        echo_k = (body.logprobs or 0) if body.echo and (body.logprobs is not None or body.max_tokens == 0) else None
+        job = self._prepare(body, key, prompts, shapes.COMPLETION, body.max_tokens, body.logprobs, "cmpl",
+                            echo_k=echo_k)
         if body.echo:
             job.echo = [p.text if p.text is not None else job.tokenizer.decode(p.token_ids) for p in prompts]
+            job.echo_logprobs = body.logprobs is not None
         return await self._respond(job, http)
 
     async def chat(self, body: ChatCompletionRequest, key: ApiKey | None, http: Request) -> Response:
@@ -164,7 +183,7 @@ class Serving:
         return await self._respond(job, http)
 
     def _prepare(self, body: _Common, key: ApiKey | None, prompts: list[Prompt], shape: shapes.Shape,
-                 max_tokens: int | None, logprobs: int | None, prefix: str) -> Job:
+                 max_tokens: int | None, logprobs: int | None, prefix: str, echo_k: int | None = None) -> Job:
         recipe = self.engine.compile(body.model, body.mixture)
         if key is not None:
             key.authorize(body.model, body.mixture, recipe, body.rerank)
@@ -173,6 +192,8 @@ class Serving:
                      who=key.name if key is not None else "anonymous")
         tokenizer = self.engine.tokenizer(next(iter(recipe.active)))
         sampling = self._sampling(body, max_tokens, logprobs, len(tokenizer))
+        wanted = [k for k in (echo_k, body.prompt_logprobs) if k is not None]
+        sampling.prompt_logprobs = max(wanted) if wanted else None  # one scoring pass serves both shapes
         if key is not None:
             key.check_limits(max_tokens, max(sampling.n, sampling.best_of or 1))
         response_id = f"{prefix}-{uuid.uuid4().hex}"
@@ -197,7 +218,7 @@ class Serving:
         include_usage = bool(stream and body.stream_options and body.stream_options.include_usage)
         keep = logprobs is not None or bool(body.return_token_signals)
         return Job(shape, response_id, body.model, recipe, plans, sampling.n, stream, include_usage, keep,
-                   tokenizer, key=key)
+                   tokenizer, key=key, prompt_logprobs=body.prompt_logprobs)
 
     def _sampling(self, body: _Common, max_tokens: int | None, logprobs: int | None, vocab: int) -> SamplingParams:
         # best_of against n, temperature and the server's maximum is checked by the engine
@@ -266,7 +287,7 @@ class Serving:
             async for i, ev in events:
                 if isinstance(ev, TokenEvent):
                     trackers[i].token(ev.index)
-                else:
+                elif isinstance(ev, RequestDone):
                     trackers[i].done(ev)
                 yield i, ev
 

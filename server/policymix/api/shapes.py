@@ -11,7 +11,7 @@ import math
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any, Iterator, Protocol
 
-from ..engine.protocol import RequestDone, TokenEvent
+from ..engine.protocol import PromptEvent, RequestDone, TokenEvent
 from .protocol import (
     AssistantMessage,
     CandidateOut,
@@ -27,6 +27,7 @@ from .protocol import (
     CompletionResponse,
     DeltaMessage,
     PolicymixExtension,
+    PromptTokenLogprob,
     TokenLogprob,
     TokenSignal,
     TopLogprob,
@@ -57,13 +58,16 @@ class Accumulator:
         self.keep_events = keep_events
         self.events: dict[int, list[TokenEvent]] = defaultdict(list)
         self.dones: dict[int, RequestDone] = {}
+        self.prompts: dict[int, PromptEvent] = {}  # per prompt position: its scored tokens
 
     def choice(self, i: int, seq_index: int) -> int:
         return i * self.n + seq_index
 
-    def add(self, i: int, ev: TokenEvent | RequestDone) -> None:
+    def add(self, i: int, ev: TokenEvent | PromptEvent | RequestDone) -> None:
         if isinstance(ev, RequestDone):
             self.dones[i] = ev
+        elif isinstance(ev, PromptEvent):
+            self.prompts[i] = ev
         elif self.keep_events:
             self.events[self.choice(i, ev.index)].append(ev)
 
@@ -140,6 +144,47 @@ def completion_logprobs(events: list[TokenEvent], texts: TokenTexts, k: int, off
     return CompletionLogprobs(tokens=tokens, token_logprobs=lps, top_logprobs=tops, text_offset=offsets)
 
 
+def prompt_completion_logprobs(pe: PromptEvent, texts: TokenTexts, k: int) -> CompletionLogprobs:
+    """The prompt's part of an echoed completion's logprobs: the first token's entries are null."""
+    tokens, lps, tops, offsets, offset = [], [], [], [], 0
+    for tid, lp in zip(pe.token_ids, pe.logprobs):
+        t = texts.text(tid)
+        tokens.append(t)
+        offsets.append(offset)
+        offset += len(t)
+        if lp is None:
+            lps.append(None)
+            tops.append(None)
+            continue
+        top = {texts.text(i): num(v) for i, v in lp.top_logprobs[:k]}
+        top.setdefault(t, num(lp.logprob))
+        lps.append(num(lp.logprob))
+        tops.append(top)
+    return CompletionLogprobs(tokens=tokens, token_logprobs=lps, top_logprobs=tops, text_offset=offsets)
+
+
+def joined(head: CompletionLogprobs, tail: CompletionLogprobs) -> CompletionLogprobs:
+    end = head.text_offset[-1] + len(head.tokens[-1]) if head.tokens else 0
+    return CompletionLogprobs(tokens=head.tokens + tail.tokens, token_logprobs=head.token_logprobs + tail.token_logprobs,
+                              top_logprobs=head.top_logprobs + tail.top_logprobs,
+                              text_offset=head.text_offset + [end + o for o in tail.text_offset])
+
+
+def vllm_prompt_logprobs(pe: PromptEvent, texts: TokenTexts, k: int) -> list:
+    """vLLM's ``prompt_logprobs``: per prompt token {token id: {logprob, rank, decoded_token}}, the token
+    itself and the top k; the first token null."""
+    out: list = []
+    for tid, lp in zip(pe.token_ids, pe.logprobs):
+        if lp is None:
+            out.append(None)
+            continue
+        entry = {str(tid): PromptTokenLogprob(logprob=num(lp.logprob), rank=lp.rank, decoded_token=texts.text(tid))}
+        for rank, (i, v) in enumerate(lp.top_logprobs[:k], start=1):
+            entry.setdefault(str(i), PromptTokenLogprob(logprob=num(v), rank=rank, decoded_token=texts.text(i)))
+        out.append(entry)
+    return out
+
+
 def _top(texts: TokenTexts, token_id: int, logprob: float | None) -> TopLogprob:
     s, b = texts(token_id)
     return TopLogprob(token=s, logprob=num(logprob) if logprob is not None else _FLOOR, bytes=list(b))
@@ -176,8 +221,11 @@ class StreamWriter:
     def start(self) -> Iterator[Any]:
         return iter(())
 
-    def event(self, i: int, ev: TokenEvent | RequestDone) -> Iterator[Any]:
+    def event(self, i: int, ev: TokenEvent | PromptEvent | RequestDone) -> Iterator[Any]:
         self.acc.add(i, ev)
+        if isinstance(ev, PromptEvent):
+            yield from self.prompt(i, ev)
+            return
         if isinstance(ev, TokenEvent):
             yield from self.token(self.acc.choice(i, ev.index), ev)
             return
@@ -197,6 +245,9 @@ class StreamWriter:
     def chunk(self, choices: list, **fields: Any) -> Any:
         raise NotImplementedError
 
+    def prompt(self, i: int, ev: PromptEvent) -> Iterator[Any]:
+        return iter(())
+
     def token(self, idx: int, ev: TokenEvent) -> Iterator[Any]:
         raise NotImplementedError
 
@@ -215,10 +266,25 @@ class _CompletionStream(StreamWriter):
                                model=self.job.model, choices=choices, **fields)
 
     def start(self) -> Iterator[Any]:
+        if self.job.plans[0].sampling.prompt_logprobs is not None:
+            return  # the echo goes out with the prompt's logprobs (``prompt``)
         for i, text in enumerate(self.job.echo or []):
             for j in range(self.job.n):
                 yield self.chunk([CompletionChoice(index=i * self.job.n + j, text=text, logprobs=None,
                                                    finish_reason=None)])
+
+    def prompt(self, i: int, ev: PromptEvent) -> Iterator[Any]:
+        job = self.job
+        lp = prompt_completion_logprobs(ev, self.texts, self.k) if job.echo_logprobs else None
+        vllm = vllm_prompt_logprobs(ev, self.texts, job.prompt_logprobs) if job.prompt_logprobs is not None else None
+        for j in range(job.n):
+            idx = i * job.n + j
+            if lp is not None:
+                self.offsets[idx] = lp.text_offset[-1] + len(lp.tokens[-1]) if lp.tokens else 0
+            choice = CompletionChoice(index=idx, text=job.echo[i] if job.echo else "", logprobs=lp, finish_reason=None)
+            if vllm is not None:
+                choice.prompt_logprobs = vllm
+            yield self.chunk([choice])
 
     def token(self, idx: int, ev: TokenEvent) -> Iterator[Any]:
         lp = None
@@ -247,6 +313,10 @@ class _ChatStream(StreamWriter):
             yield self.chunk([ChatStreamChoice(index=idx, delta=DeltaMessage(role="assistant", content=""),
                                                logprobs=None, finish_reason=None)])
 
+    def prompt(self, i: int, ev: PromptEvent) -> Iterator[Any]:
+        if self.job.prompt_logprobs is not None:
+            yield self.chunk([], prompt_logprobs=vllm_prompt_logprobs(ev, self.texts, self.job.prompt_logprobs))
+
     def token(self, idx: int, ev: TokenEvent) -> Iterator[Any]:
         lp = chat_logprobs([ev], self.texts, self.k) if self.k is not None else None
         if ev.text or lp is not None:
@@ -271,13 +341,17 @@ class _Completion:
         k = _logprobs_k(job)
         per = choice_extensions(job, acc, texts)
         many = acc.choice_count() > 1
-        choices = [
-            CompletionChoice(
-                index=idx, text=(job.echo[i] if job.echo else "") + s.text,
-                logprobs=completion_logprobs(acc.events[idx], texts, k) if k is not None else None,
-                finish_reason=s.finish_reason, stop_reason=s.stop_reason, policymix=per[idx] if many else None)
-            for i, idx, s in _choices(acc)
-        ]
+        choices = []
+        for i, idx, s in _choices(acc):
+            lp = completion_logprobs(acc.events[idx], texts, k) if k is not None else None
+            if job.echo_logprobs and i in acc.prompts:
+                lp = joined(prompt_completion_logprobs(acc.prompts[i], texts, k), lp)
+            choice = CompletionChoice(index=idx, text=(job.echo[i] if job.echo else "") + s.text, logprobs=lp,
+                                      finish_reason=s.finish_reason, stop_reason=s.stop_reason,
+                                      policymix=per[idx] if many else None)
+            if job.prompt_logprobs is not None and i in acc.prompts:
+                choice.prompt_logprobs = vllm_prompt_logprobs(acc.prompts[i], texts, job.prompt_logprobs)
+            choices.append(choice)
         return CompletionResponse(id=job.response_id, created=job.created, model=job.model, choices=choices,
                                   usage=acc.usage(), policymix=extension(job, acc, per))
 
@@ -297,8 +371,11 @@ class _Chat:
                 finish_reason=s.finish_reason, stop_reason=s.stop_reason, policymix=per[idx] if many else None)
             for _, idx, s in _choices(acc)
         ]
+        prompt_lp = None
+        if job.prompt_logprobs is not None and 0 in acc.prompts:
+            prompt_lp = vllm_prompt_logprobs(acc.prompts[0], texts, job.prompt_logprobs)
         return ChatCompletionResponse(id=job.response_id, created=job.created, model=job.model, choices=choices,
-                                      usage=acc.usage(), policymix=extension(job, acc, per))
+                                      usage=acc.usage(), prompt_logprobs=prompt_lp, policymix=extension(job, acc, per))
 
     def stream_writer(self, job: "Job", acc: Accumulator, texts: TokenTexts) -> StreamWriter:
         return _ChatStream(job, acc, texts)

@@ -66,6 +66,13 @@ class OutputProcessor:
                 log.exception("post-processing failed for request %s", state.req.request_id)
                 self.scheduler.fail(state, *failure_of(err, "post-processing"))
 
+    def finish_unsampled(self, seq: Sequence) -> None:
+        """A sequence that ends before its first token (max_tokens 0: the prompt was only scored)."""
+        seq.finish_reason = "length"
+        self.scheduler.update(seq, -1)
+        if self.scheduler.done(seq.request):
+            self._close(seq.request)
+
     def _close(self, state: RequestState) -> None:
         """Free the request's cache now; rank its candidates (a reward model: off this thread) and end it."""
         self.scheduler.release(state)

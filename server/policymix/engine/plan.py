@@ -3,7 +3,8 @@
 The plan resolves what every engine used to work out on its own: the policies that run and their
 weights, the observers (the token-signal pair, an implicit-rerank pair) that run at weight 0, the
 reward model that scores candidates, each policy's rendered prompt, the EOS ids, the length check
-and the max_tokens an unset field stands for. Bad input raises PolicymixError naming the field.
+and the max_tokens an unset field stands for; with prompt logprobs, the tokens that are scored.
+Bad input raises PolicymixError naming the field.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import replace
 
 from ..errors import PolicymixError
 from ..registry import Registry
-from .protocol import GenerationRequest, ImplicitRewardSpec, RequestPlan
+from .protocol import GenerationRequest, ImplicitRewardSpec, Prompt, RequestPlan
 
 
 def make_plan(registry: Registry, req: GenerationRequest) -> RequestPlan:
@@ -20,16 +21,27 @@ def make_plan(registry: Registry, req: GenerationRequest) -> RequestPlan:
     weights = dict(req.recipe.active)
     for name in observers:
         weights.setdefault(name, 0.0)
+    sp = req.sampling
+    prompt, scored = req.prompt, None
+    if sp.prompt_logprobs is not None:
+        # the scored tokens are the prompt as a policy without a system prompt renders it; a prompted
+        # policy sees its system prompt first, then the same tokens (so every position is comparable)
+        scored = registry.policies[next(iter(req.recipe.active))].render(prompt, with_system_prompt=False)
+        prompt = Prompt(token_ids=scored)
+    elif sp.max_tokens == 0:
+        raise PolicymixError("max_tokens 0 only scores the prompt: it needs echo with logprobs, or prompt_logprobs",
+                             param="max_tokens")
+    if sp.max_tokens == 0 and sp.candidates > 1:
+        raise PolicymixError("max_tokens 0 scores the prompt once: n and best_of must be 1", param="max_tokens")
     prompts: dict[str, list[int]] = {}
     rendered: dict[str | None, list[int]] = {}  # policies without their own system prompt render alike
     for name in weights:
         p = registry.policies[name]
         if p.system_prompt not in rendered:
-            rendered[p.system_prompt] = p.render(req.prompt)
+            rendered[p.system_prompt] = p.render(prompt)
         prompts[name] = rendered[p.system_prompt]
     prompt_len = max(len(x) for x in prompts.values())
     family = req.recipe.family
-    sp = req.sampling
     max_tokens = sp.max_tokens
     if max_tokens is None:  # what the context leaves (at least 1: a full context fails the check below)
         max_tokens = max(1, registry.max_model_len(family) - prompt_len)
@@ -42,7 +54,7 @@ def make_plan(registry: Registry, req: GenerationRequest) -> RequestPlan:
         request=req, sampling=replace(sp, max_tokens=max_tokens, stop=list(sp.stop),
                                       stop_token_ids=list(sp.stop_token_ids), logit_bias=dict(sp.logit_bias)),
         weights=weights, observers=tuple(n for n in observers if n not in req.recipe.active), scorers=scorers,
-        prompts=prompts, eos_ids=eos, signal_pair=pair if req.return_token_signals else None)
+        prompts=prompts, eos_ids=eos, signal_pair=pair if req.return_token_signals else None, scored=scored)
 
 
 def _check(registry: Registry, req: GenerationRequest) -> tuple[ImplicitRewardSpec | None, list[str]]:

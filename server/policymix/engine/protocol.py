@@ -30,6 +30,7 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None  # None: none; k: the chosen token's logprob plus the top k
+    prompt_logprobs: int | None = None  # None: none; k: each prompt token's logprob under q plus the top k
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -103,6 +104,23 @@ class TokenEvent:
 
 
 @dataclass
+class PromptLogprob:
+    """One prompt token scored under the request's mixture q (conditioned on the tokens before it)."""
+
+    logprob: float
+    rank: int  # 1 + the number of tokens q finds more likely
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)  # the top k of q at this position
+
+
+@dataclass
+class PromptEvent:
+    """The prompt's tokens with their log-probabilities, sent once, before any generated token."""
+
+    token_ids: list[int]  # the scored tokens: the prompt as a policy without a system prompt renders it
+    logprobs: list[PromptLogprob | None]  # one per token; the first is None (nothing conditions it)
+
+
+@dataclass
 class Candidate:
     text: str
     token_ids: list[int]
@@ -161,7 +179,7 @@ class RequestDone:
         return cls(prompt_tokens, 0, [], dict(weights), error=message, error_kind=kind, error_code=code)
 
 
-EngineEvent = TokenEvent | RequestDone
+EngineEvent = TokenEvent | PromptEvent | RequestDone
 
 
 @dataclass(eq=False)
@@ -180,6 +198,7 @@ class RequestPlan:
     prompts: dict[str, list[int]]  # policy -> its rendered prompt ids (its own system prompt first)
     eos_ids: frozenset[int]  # EOS of the recipe's policies (observers never change when a text ends)
     signal_pair: ImplicitRewardSpec | None  # token signals' (policy, reference, beta), when asked for
+    scored: list[int] | None = None  # with prompt logprobs: the tokens scored, the end of every policy's prompt
 
     @property
     def policies(self) -> list[str]:

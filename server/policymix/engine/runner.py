@@ -4,7 +4,9 @@ Prefill and decode share one forward: a joining sequence feeds its prompt, the o
 token (unless padding every decoding row to the prompt would cost more than a second forward: then
 the joining rows, a suffix of the slots, run apart). Rows are left-padded to the longest feed Q;
 each row gets explicit positions and an additive 4D mask, and writes its keys at its own cache
-positions (padding lands in future cells that are masked now and overwritten later).
+positions (padding lands in future cells that are masked now and overwritten later). A sequence
+whose prompt is scored (prompt logprobs) runs its prefill as a forward of its own that keeps the
+logits of every position (``prompt_logits``), without padding.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class PolicyRunner:
         self.cache_kw = _cache_keyword(model)
         self.slots: list = []  # sequences in slot order
         self._slot: dict = {}  # sequence -> its slot (sequences hash by identity)
+        self.prompt_logits: dict = {}  # sequence -> [prompt positions, V] logits of a scored prefill (read once)
         self.lengths: list[int] = []  # tokens cached per slot
         self.forwards = 0  # forward passes run (metrics)
         self.split_steps = 0  # steps whose joining prompts ran apart from the decoding rows
@@ -78,6 +81,7 @@ class PolicyRunner:
 
     def remove(self, seq) -> None:
         """Free ``seq``'s slot at once; the last slot moves into the hole."""
+        self.prompt_logits.pop(seq, None)
         hole = self._slot.pop(seq)
         last = len(self.slots) - 1
         if hole != last:
@@ -92,8 +96,10 @@ class PolicyRunner:
         """Feed every slot's pending tokens; return the next token's logits [B, V] (float32, rows in slot
         order). Not normalised: the core mixes raw logits (see ``core._mix``)."""
         feeds = [seq.feeds[self.name] for seq in self.slots]
-        parts = self._parts(feeds)
-        lps = [self._forward_rows(feeds, lo, hi, whole=len(parts) == 1) for lo, hi in parts]
+        scoring = [seq.score_prompt for seq in self.slots]
+        parts = self._scored_parts(feeds, scoring) if any(scoring) else [(lo, hi, False) for lo, hi in self._parts(feeds)]
+        lps = [self._forward_rows(feeds, lo, hi, whole=len(parts) == 1 and not keep, keep_all=keep)
+               for lo, hi, keep in parts]
         self.split_steps += len(parts) > 1
         for i, f in enumerate(feeds):
             self.lengths[i] += len(f)
@@ -113,7 +119,21 @@ class PolicyRunner:
         Q = max(len(f) for f in feeds[s:])
         return [(0, s), (s, B)] if s * (Q - 1) > SPLIT_PADDING_TOKENS else [(0, B)]
 
-    def _forward_rows(self, feeds: list[list[int]], lo: int, hi: int, whole: bool) -> torch.Tensor:
+    @classmethod
+    def _scored_parts(cls, feeds: list[list[int]], scoring: list[bool]) -> list[tuple[int, int, bool]]:
+        """Each scored row alone (keeping every position's logits); the rows between them as ``_parts``."""
+        parts, lo = [], 0
+        for i, scored in enumerate([*scoring, True]):
+            if scored:
+                if lo < i:
+                    parts += [(lo + a, lo + b, False) for a, b in cls._parts(feeds[lo:i])]
+                if i < len(scoring):
+                    parts.append((i, i + 1, True))
+                lo = i + 1
+        return parts
+
+    def _forward_rows(self, feeds: list[list[int]], lo: int, hi: int, whole: bool,
+                      keep_all: bool = False) -> torch.Tensor:
         part, lengths = feeds[lo:hi], self.lengths[lo:hi]
         # the static path pads up to a bucket with rows past the batch: only safe when no slot follows
         if whole and self.static is not None and self.static.applicable(part):
@@ -132,6 +152,8 @@ class PolicyRunner:
         self.cache.begin_step(len(part), pos, kv_len, first=lo)
         out = self.model(
             input_ids=ids.to(self.device), attention_mask=mask.to(self.device), position_ids=pos,
-            use_cache=True, logits_to_keep=1, **{self.cache_kw: self.cache},
+            use_cache=True, logits_to_keep=Q if keep_all else 1, **{self.cache_kw: self.cache},
         )
+        if keep_all:  # one row, no padding: every position's logits [Q, V]
+            self.prompt_logits[self.slots[lo]] = out.logits[0, :, : self.vocab_size].float()
         return out.logits[:, -1, : self.vocab_size].float()  # [B, V]; padded lm_head rows cut

@@ -115,6 +115,7 @@ class Scheduler:
                 self.reserved[p] += state.reserved_tokens(p)
             state.status = Status.RUNNING
             leader = self._new_sequence(state, 0)
+            leader.score_prompt = state.plan.scored is not None
             for p, prompt in state.prompts.items():
                 leader.feeds[p] = list(prompt)
                 self.runners[p].add(leader)

@@ -112,6 +112,7 @@ class Sequence(SequenceOutput):
     generator: torch.Generator
     feeds: dict[str, list[int]] = field(default_factory=dict)
     row: int = -1  # row in this step's mixed-score matrix
+    score_prompt: bool = False  # its next forward is a prefill whose every position is scored
 
 
 @dataclass(eq=False)

@@ -189,6 +189,10 @@ class VllmEngine(RegistryEngineClient):
         for name in request.recipe.active:
             if name in self.unservable:
                 raise PolicymixError(self.unservable[name], param="mixture" if request.recipe.form != "single" else "model")
+        if request.sampling.prompt_logprobs is not None:
+            raise PolicymixError("prompt log-probabilities (echo with logprobs, prompt_logprobs) are not available on "
+                                 "--engine vllm: vLLM scores prompt positions through compute_logits without the "
+                                 "request's weights (docs/vllm.md); use --engine native", param="prompt_logprobs")
         plan = super().plan(request)
         for name in plan.observers:
             if name in self.unservable:
