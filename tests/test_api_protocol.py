@@ -128,7 +128,7 @@ def test_chat_without_template_is_a_clear_400(client):
     ({"logit_bias": {"x": 1}}, "logit_bias"),
     ({"logit_bias": {"100000": 1}}, "logit_bias"),
     ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
-    ({"echo": True, "logprobs": 1}, "echo"),
+    ({"echo": True, "max_tokens": 0, "n": 2}, "max_tokens"),  # (echo with logprobs is served: prompt logprobs)
 ])
 def test_inconsistent_sampling_is_400(client, extra, param):
     assert envelope(client.post("/v1/completions", json={"model": "base", "prompt": "hi", **extra}), 400)["param"] == param

@@ -164,6 +164,11 @@ class Serving:
         prompts = [Prompt(text=p) if isinstance(p, str) else Prompt(token_ids=list(p)) for p in body.prompts()]
         # echo with logprobs returns the prompt tokens' logprobs first (the first one null), as OpenAI's
         # legacy completions and vLLM do; max_tokens 0 with echo scores without generating
+        if body.max_tokens == 0 and not body.echo and body.prompt_logprobs is None:
+            raise ApiError(400, "max_tokens 0 only scores the prompt: it needs echo (with logprobs) or prompt_logprobs",
+                           param="max_tokens")
+        if body.max_tokens == 0 and max(body.n or 1, body.best_of or 1) > 1:
+            raise ApiError(400, "max_tokens 0 scores the prompt once: n and best_of must be 1", param="max_tokens")
         echo_k = (body.logprobs or 0) if body.echo and (body.logprobs is not None or body.max_tokens == 0) else None
         job = self._prepare(body, key, prompts, shapes.COMPLETION, body.max_tokens, body.logprobs, "cmpl",
                             echo_k=echo_k)
