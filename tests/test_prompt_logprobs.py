@@ -73,6 +73,31 @@ def test_random_recipes_joining_a_busy_engine_equal_the_oracle(tiny_registry):
     assert not any(r.slots for r in core.runners.values()) and not any(r.prompt_logits for r in core.runners.values())
 
 
+def test_a_long_scored_prompt_is_chunked_beside_streams_and_stays_exact(tiny_registry):
+    """While others decode, a scored prefill advances CHUNK_TOKENS per step (the streams keep a token per
+    step); chunk boundaries fall at the same distance from every policy's end, so the numbers are exact."""
+    from policymix.engine.prompt_scoring import CHUNK_TOKENS
+
+    core = EngineCore(tiny_registry)
+    streams = [submit(core, make_request(core, "base", None, f"Stream {i}", max_tokens=60, temperature=0.0,
+                                         ignore_eos=True)) for i in range(3)]
+    core.step()
+    text = " ".join(f"word{i % 17} and more text" for i in range(40))
+    req = make_request(core, "formal", {"weights": {"formal": 1.3, "dpo": -0.3}}, text, max_tokens=2,
+                       temperature=0.0, prompt_logprobs=3, ignore_eos=True)
+    plan = core.render(req).plan
+    col = submit(core, req)
+    steps, before = 0, [len(c.events) for c in streams]
+    while col.prompt is None:
+        core.step()
+        steps += 1
+    assert len(plan.scored) > 3 * CHUNK_TOKENS and steps >= len(plan.scored) // CHUNK_TOKENS
+    assert all(len(c.events) - b == steps for c, b in zip(streams, before))  # no stream waited
+    run_until_done(core, streams + [col])
+    check_against_oracle(tiny_registry, plan, col.prompt, 3)
+    assert len(col.tokens()) == 2
+
+
 def test_one_policy_equals_hf_log_softmax(tiny_registry, tiny_dir):
     from transformers import AutoModelForCausalLM
 

@@ -18,7 +18,8 @@ from ..mixing.signals import kl_to_reference
 from ..registry import Registry
 from .outputs import OutputProcessor, StepOutput
 from .plan import make_plan
-from .protocol import ErrorKind, GenerationRequest, PromptEvent, PromptLogprob
+from . import prompt_scoring
+from .protocol import ErrorKind, GenerationRequest
 from .runner import PolicyRunner
 from .sampler import RowSampling, sample_rows
 from .scheduler import Scheduler, failure_of
@@ -141,6 +142,7 @@ class EngineCore:
             self.outputs.wait(0.005)  # only reward-model scoring left: let it finish without spinning
             return []
         self.steps += 1
+        prompt_scoring.plan_chunks(list(self.scheduler.running))
         logits = self._forward()
         outputs: list[StepOutput] = []
         for states in self._by_family().values():
@@ -170,6 +172,9 @@ class EngineCore:
                     self.scheduler.fail(state, *failure_of(err, f"in the forward of policy {name}"))
                 continue
             logits[name] = PolicyLogits(lp, list(runner.slots))
+            for seq, full in runner.prompt_logits.items():  # scored prefills: into one mixed buffer each
+                prompt_scoring.fold(seq, name, full)
+            runner.prompt_logits.clear()
             self.timers[f"forward:{name}"] += time.perf_counter() - t
         return logits
 
@@ -225,12 +230,13 @@ class EngineCore:
         t = time.perf_counter()
         for st in states:
             leader = st.sequences[0]
-            if leader.score_prompt:  # its prefill just ran: score the prompt before any token is sampled
-                leader.score_prompt = False
-                st.emit(self._prompt_logprobs(st))
-                if st.sampling.max_tokens == 0:  # scoring only: done, no token and no decoding slot
-                    self.outputs.finish_unsampled(leader)
-        seqs = [s for st in states for s in st.sequences if not s.finished]
+            if leader.score_prompt:  # a chunk of its scored prefill ran: its positions, the event at the end
+                event = prompt_scoring.take_scored(st)
+                if event is not None:
+                    st.emit(event)
+                    if st.sampling.max_tokens == 0:  # scoring only: done, no token and no decoding slot
+                        self.outputs.finish_unsampled(leader)
+        seqs = [s for st in states for s in st.sequences if not s.finished and not s.score_prompt]
         if not seqs:
             return []
         policies = {p for st in states for p in st.weights if p in logits}
@@ -244,7 +250,7 @@ class EngineCore:
         # n > 1: siblings join now with the leader's prompt cache and its first-step scores
         sources = [s.row for s in seqs]
         for st in states:
-            if not st.forked:
+            if not st.forked and not st.sequences[0].score_prompt:
                 for sib in self.scheduler.fork(st):
                     sib.row = len(sources)
                     sources.append(st.sequences[0].row)
@@ -273,35 +279,6 @@ class EngineCore:
         outputs = self._outputs(seqs, tokens, mixed, logits)
         self.timers["detok"] += time.perf_counter() - t
         return outputs
-
-    def _prompt_logprobs(self, state: RequestState) -> PromptEvent:
-        """Every prompt token's log-probability under q, each policy's logits read from its own context.
-
-        A policy's prompt ends with the scored tokens x (a prompted policy's system prompt comes first),
-        so the logits predicting x_t (t >= 1) sit at the same distance from the end of every policy's
-        prefill: rows [n_p - L, n_p - 1) of its [n_p, V] prompt logits. Mixed raw, as a decoding step is."""
-        plan, leader = state.plan, state.sequences[0]
-        x = plan.scored
-        L, k = len(x), plan.sampling.prompt_logprobs
-        mixed = None  # [L - 1, V]
-        for p, w in plan.weights.items():
-            full = self.runners[p].prompt_logits.pop(leader)  # observers' too: freed here
-            if w == 0.0 or L < 2:
-                continue
-            rows = full[full.shape[0] - L : full.shape[0] - 1]
-            mixed = rows * w if mixed is None else mixed.add_(rows, alpha=w)
-        entries: list[PromptLogprob | None] = [None]
-        if mixed is not None:
-            logq = torch.log_softmax(mixed, dim=-1)
-            target = torch.tensor(x[1:], device=logq.device)[:, None]
-            chosen = logq.gather(1, target)  # [L - 1, 1]
-            ranks = ((logq > chosen).sum(-1) + 1).tolist()
-            tops = [[] for _ in ranks]
-            if k:
-                top = torch.topk(logq, min(k, logq.shape[1]))
-                tops = [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
-            entries += [PromptLogprob(lp, r, tp) for lp, r, tp in zip(chosen[:, 0].tolist(), ranks, tops)]
-        return PromptEvent(list(x), entries)
 
     @staticmethod
     def _row_sampling(seq: Sequence) -> RowSampling:

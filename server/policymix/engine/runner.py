@@ -95,15 +95,15 @@ class PolicyRunner:
     def forward(self) -> torch.Tensor:
         """Feed every slot's pending tokens; return the next token's logits [B, V] (float32, rows in slot
         order). Not normalised: the core mixes raw logits (see ``core._mix``)."""
-        feeds = [seq.feeds[self.name] for seq in self.slots]
+        feeds = [seq.step_feed(self.name) for seq in self.slots]
         scoring = [seq.score_prompt for seq in self.slots]
         parts = self._scored_parts(feeds, scoring) if any(scoring) else [(lo, hi, False) for lo, hi in self._parts(feeds)]
         lps = [self._forward_rows(feeds, lo, hi, whole=len(parts) == 1 and not keep, keep_all=keep)
                for lo, hi, keep in parts]
         self.split_steps += len(parts) > 1
-        for i, f in enumerate(feeds):
+        for i, (seq, f) in enumerate(zip(self.slots, feeds)):
             self.lengths[i] += len(f)
-            f.clear()
+            del seq.feeds[self.name][: len(f)]
         self.forwards += 1
         return lps[0] if len(lps) == 1 else torch.cat(lps)
 

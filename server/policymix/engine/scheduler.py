@@ -115,7 +115,8 @@ class Scheduler:
                 self.reserved[p] += state.reserved_tokens(p)
             state.status = Status.RUNNING
             leader = self._new_sequence(state, 0)
-            leader.score_prompt = state.plan.scored is not None
+            if state.plan.scored is not None:
+                leader.score_prompt, leader.score_left = True, len(state.plan.scored)
             for p, prompt in state.prompts.items():
                 leader.feeds[p] = list(prompt)
                 self.runners[p].add(leader)

@@ -112,7 +112,14 @@ class Sequence(SequenceOutput):
     generator: torch.Generator
     feeds: dict[str, list[int]] = field(default_factory=dict)
     row: int = -1  # row in this step's mixed-score matrix
-    score_prompt: bool = False  # its next forward is a prefill whose every position is scored
+    score_prompt: bool = False  # its prefill is being scored (prompt logprobs): not sampled until it ends
+    score_left: int = 0  # scored tokens whose predictors are still unfed (the same at every policy's end)
+    chunk_end: int = 0  # tokens this step leaves unfed at the end of every policy's context
+
+    def step_feed(self, policy: str) -> list[int]:
+        """The tokens ``policy``'s forward takes this step (all pending, unless a scored prefill is chunked)."""
+        f = self.feeds[policy]
+        return f[: len(f) - self.chunk_end] if self.chunk_end else f
 
 
 @dataclass(eq=False)
@@ -125,6 +132,8 @@ class RequestState:
     sequences: list[Sequence] = field(default_factory=list)
     forked: bool = False  # siblings created (after the leader's prefill)
     live: int = 0  # sequences not yet finished
+    prompt_mix: Any = None  # scored prefill: this step's mixed logits of the positions scored [n, V]
+    prompt_entries: list = field(default_factory=list)  # scored prefill: the prompt's logprobs so far
 
     @property
     def req(self) -> GenerationRequest:
