@@ -93,3 +93,26 @@ def test_local_completions_equals_hf(tmp_path, monkeypatch, backend):
     print(f"lm-eval tiny_mc acc: server {served['results']['tiny_mc']['acc,none']:.3f}, "
           f"hf {peer['results']['tiny_mc']['acc,none']:.3f}; max |dll| "
           f"{max(abs(ours[k] - v) for k, v in theirs.items()):.2e} ({os.cpu_count()} cpus)")
+
+
+def test_worked_example_evaluates_a_policy_and_a_mixture(tiny_registry, tiny_config):
+    """clients/examples/lm_eval/run.sh (docs/api.md), on the test server's policy and named mixture."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from policymix.api import build_app
+    from policymix.engine.native import NativeEngine
+
+    if shutil.which("bash") is None:
+        pytest.skip("needs bash")
+    script = Path(__file__).resolve().parents[1] / "clients" / "examples" / "lm_eval" / "run.sh"
+    with LiveServer(build_app(NativeEngine(tiny_registry), tiny_config, env={})) as srv:
+        env = {**os.environ, "POLICYMIX_URL": srv.url, "POLICYMIX_EVAL_MODELS": "base balanced",
+               "LM_EVAL": f"{sys.executable} -m lm_eval"}
+        out = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    tables = out.stdout.split("== ")[1:]
+    assert [t.splitlines()[0] for t in tables] == ["base", "balanced"]
+    assert all("|capitals|" in t.replace(" ", "") and "acc" in t for t in tables)
