@@ -18,7 +18,12 @@ def make_request(engine_core, model="base", mixture=None, prompt="Hello world", 
     recipe = compile_recipe(mixture, model, reg.infos(), reg.config.mixtures)
     extra = {k: sampling.pop(k) for k in ("rerank", "return_token_signals", "signals", "return_policy_logprobs")
              if k in sampling}
-    p = Prompt(text=prompt) if isinstance(prompt, str) else Prompt(token_ids=list(prompt))
+    if isinstance(prompt, str):
+        p = Prompt(text=prompt)
+    elif prompt and isinstance(prompt[0], dict):  # chat messages
+        p = Prompt(messages=list(prompt))
+    else:
+        p = Prompt(token_ids=list(prompt))
     return GenerationRequest(f"req-{next(_ids)}", model, recipe, p, SamplingParams(**sampling), **extra)
 
 

@@ -1,4 +1,4 @@
-"""A long run of requests (finishes, aborts, n > 1, best-of) leaves the engine's memory flat."""
+"""A long run of requests (finishes, aborts, n > 1, best-of, prompt variants) leaves the engine's memory flat."""
 
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ def test_long_run_leaves_no_cache_behind(tiny_registry):
                 kw["n"] = 2
             if j % 4 == 2:
                 kw["best_of"] = 3
-            req = make_request(core, ["base", "dpo", "formal"][j % 3],
-                               {"weights": {"base": 0.5, "small": 0.5}} if j % 3 == 0 else None, f"Prompt {j}", **kw)
+            mixture = {"weights": {"base": 0.5, "small": 0.5}} if j % 6 == 0 else \
+                {"guidance": {"policy": "base", "scale": 1.5, "negative_prompt": f"Not {j}"}} if j % 6 == 3 else None
+            req = make_request(core, ["base", "dpo", "formal"][j % 3], mixture, f"Prompt {j}", **kw)
             col = submit(core, req)
             (aborted if j % 5 == 4 else cols).append((req, col))
         for _ in range(3):

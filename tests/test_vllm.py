@@ -366,11 +366,15 @@ def test_a_scoped_key_cannot_observe_out_of_scope_policies_on_either_engine(vcfg
             assert "base" in err.value.message
 
 
-def test_prompt_logprobs_are_refused_on_vllm_naming_the_field(vengine):
-    """vLLM's prompt-logprob pass cannot see a request's weights (docs/vllm.md): a 400, not wrong numbers."""
+def test_prompt_logprobs_and_variants_are_refused_on_vllm_naming_the_field(vengine):
+    """vLLM's prompt-logprob pass cannot see a request's weights, and a variant needs cache rows of its own
+    (docs/vllm.md): a 400, not wrong numbers."""
     with pytest.raises(PolicymixError) as err:
         vengine.plan(request(vengine, "base", {"weights": {"dpo": 0.5, "base": 0.5}}, max_tokens=0, prompt_logprobs=1))
     assert err.value.param == "prompt_logprobs" and "--engine native" in err.value.message
+    with pytest.raises(PolicymixError) as err:  # prompt variants need cache rows of their own (docs/vllm.md)
+        vengine.plan(request(vengine, "base", {"guidance": {"policy": "base", "scale": 1.5}}, max_tokens=2))
+    assert err.value.param == "mixture.guidance" and "--engine native" in err.value.message
 
 
 def test_what_cannot_be_right_is_refused_with_the_field(vengine):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -60,11 +60,38 @@ class ProxySpec(_Strict):
     alpha: float = 1.0
 
 
+class VariantSpec(_Strict):
+    """A served policy under another context, for one request: exactly one of the three sources."""
+
+    policy: str
+    prompt: str | list[int] | None = None  # a completions prompt (text or token ids)
+    messages: list[dict[str, Any]] | None = None  # a chat conversation (chat requests only)
+    system_prompt: str | None = None  # the request's own prompt under this system prompt
+
+
+class GuidanceSpec(_Strict):
+    """Classifier-free guidance: ``policy: scale`` plus its negative-prompt variant at ``1 - scale``."""
+
+    policy: str
+    scale: float
+    negative_prompt: str | list[dict[str, Any]] | None = None  # None or "": the unconditional context
+
+
+class ContextAwareSpec(_Strict):
+    """Context-aware decoding: ``policy: 1 + alpha`` plus its variant without the context at ``-alpha``."""
+
+    policy: str
+    alpha: float
+    drop: Literal["system", "context"] = "context"  # context: every message but the last user turn
+
+
 class Recipe(_Strict):
     """A mixing recipe as written in a request's ``mixture`` or under ``mixtures:`` in the config.
 
     Exactly one form: ``weights``; ``reference`` + ``objectives`` (MOD, optionally with ``beta`` and
-    ``beta_prime``); ``reference`` + ``policy`` + ``beta`` + ``beta_prime`` (DeRa); ``proxy``.
+    ``beta_prime``); ``reference`` + ``policy`` + ``beta`` + ``beta_prime`` (DeRa); ``proxy``;
+    ``guidance``; ``context_aware``. ``prompt_variants`` names served policies under other contexts,
+    usable like policies in ``weights``, ``objectives`` and ``proxy``.
     Forms are checked by :func:`policymix.mixing.recipes.compile_recipe`, which names the field.
     """
 
@@ -75,6 +102,9 @@ class Recipe(_Strict):
     beta: float | None = None
     beta_prime: float | None = None
     proxy: ProxySpec | None = None
+    prompt_variants: dict[str, VariantSpec] | None = None
+    guidance: GuidanceSpec | None = None
+    context_aware: ContextAwareSpec | None = None
 
 
 class ApiKeySpec(_Strict):

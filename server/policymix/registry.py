@@ -49,10 +49,11 @@ class LoadedPolicy:
         return PolicyInfo(self.name, self.kind, self.family, self.spec.reference, self.beta,
                           self.spec.protected, self.spec.floor)
 
-    def render(self, prompt: Prompt, with_system_prompt: bool = True) -> list[int]:
-        """Token ids of ``prompt`` as this policy sees it (its own system prompt included, unless not asked)."""
+    def render(self, prompt: Prompt, with_system_prompt: bool = True, system_prompt: str | None = None) -> list[int]:
+        """Token ids of ``prompt`` as this policy sees it: its own system prompt included (unless not asked),
+        or ``system_prompt`` instead."""
         tok = self.tokenizer
-        sp = self.system_prompt if with_system_prompt else None
+        sp = system_prompt if system_prompt is not None else self.system_prompt if with_system_prompt else None
         if prompt.messages is not None:
             if not getattr(tok, "chat_template", None):
                 raise PolicymixError(f"model `{self.name}` has no chat template; use /v1/completions",

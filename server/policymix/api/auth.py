@@ -64,7 +64,7 @@ class ApiKey:
             raise _forbidden(f"API key {self.name!r} may not use mixture `{mixture}`", "mixture")
         # A named mixture the key may use grants the policies inside it.
         if recipe.mixture_name is None or recipe.mixture_name not in allowed:
-            for policy in recipe.active:
+            for policy in dict.fromkeys(recipe.policy_of(n) for n in recipe.active):  # a variant is its policy
                 if policy not in allowed:
                     raise _forbidden(f"API key {self.name!r} may not use policy `{policy}`", "mixture")
         for policy in _rerank_policies(rerank):

@@ -202,6 +202,7 @@ class PolicymixExtension(ChoiceExtension):
 
     weights: dict[str, float]
     mixture: str | None = None
+    variants: dict[str, dict[str, Any]] | None = None  # prompt variants in ``weights``: policy, source, lengths
     candidates: list[CandidateOut] | None = None
     kl_bound: float | None = None
 

@@ -117,6 +117,7 @@ def extension(job: "Job", acc: Accumulator, per_choice: dict[int, ChoiceExtensio
     head = per_choice.get(0, ChoiceExtension())
     return PolicymixExtension(
         weights=dict(first.weights or job.recipe.weights), mixture=job.recipe.mixture_name,
+        variants={n: v.describe() for n, v in job.recipe.variants.items()} or None,
         candidates=candidates, kl_bound=num(first.kl_bound), kl_to_reference=head.kl_to_reference,
         implicit_reward=head.implicit_reward, token_signals=head.token_signals,
     )

@@ -23,7 +23,7 @@ from .protocol import ErrorKind, GenerationRequest
 from .runner import PolicyRunner
 from .sampler import RowSampling, sample_rows
 from .scheduler import Scheduler, failure_of
-from .sequence import RequestState, Sequence, Status
+from .sequence import Lane, RequestState, Sequence, Status
 
 log = logging.getLogger("policymix.engine")
 
@@ -38,23 +38,26 @@ def _decode_mode(setting: str, device) -> str:
 
 @dataclass
 class PolicyLogits:
-    """One policy's next-token logits of a step, a row per cache slot (``slots``: the sequence in each)."""
+    """One policy's next-token logits of a step, a row per cache slot (``slots``: the lane in each: a
+    sequence's context in this policy, its own or a prompt variant's)."""
 
     logits: torch.Tensor  # [B_p, V] float32
-    slots: list[Sequence]
-    slot_of: dict[int, int] = field(init=False)  # seq_id -> row
+    slots: list[Lane]
+    slot_of: dict[tuple[int, str], int] = field(init=False)  # (seq_id, stream) -> row
     _logprobs: torch.Tensor | None = field(default=None, init=False)
 
     def __post_init__(self):
-        self.slot_of = {seq.seq_id: i for i, seq in enumerate(self.slots)}
+        self.slot_of = {(lane.seq.seq_id, lane.stream): i for i, lane in enumerate(self.slots)}
 
-    def logprobs(self, seq: Sequence) -> torch.Tensor:
-        """log_softmax of ``seq``'s logits [V] (a sibling's first step reads its leader's row). The
-        batch's log_softmax is computed once, and only when a request asks for per-policy logprobs."""
+    def logprobs(self, seq: Sequence, stream: str) -> torch.Tensor:
+        """log_softmax of ``seq``'s logits in context ``stream`` [V] (a sibling's first step reads its
+        leader's row). The batch's log_softmax is computed once, and only when a request asks for it."""
         if self._logprobs is None:
             self._logprobs = torch.log_softmax(self.logits, dim=-1)
-        row = self.slot_of.get(seq.seq_id)
-        return self._logprobs[self.slot_of[seq.request.sequences[0].seq_id] if row is None else row]
+        row = self.slot_of.get((seq.seq_id, stream))
+        if row is None:
+            row = self.slot_of[(seq.request.sequences[0].seq_id, stream)]
+        return self._logprobs[row]
 
 
 class EngineCore:
@@ -168,12 +171,12 @@ class EngineCore:
                 lp = runner.forward()  # [B_p, V] logits
             except Exception as err:  # noqa: BLE001 - fail the requests in this batch, keep serving
                 log.exception("forward of policy %s failed", name)
-                for state in dict.fromkeys(seq.request for seq in runner.slots):
+                for state in dict.fromkeys(lane.seq.request for lane in runner.slots):
                     self.scheduler.fail(state, *failure_of(err, f"in the forward of policy {name}"))
                 continue
             logits[name] = PolicyLogits(lp, list(runner.slots))
-            for seq, full in runner.prompt_logits.items():  # scored prefills: into one mixed buffer each
-                prompt_scoring.fold(seq, name, full)
+            for lane, full in runner.prompt_logits.items():  # scored prefills: into one mixed buffer each
+                prompt_scoring.fold(lane, full)
             runner.prompt_logits.clear()
             self.timers[f"forward:{name}"] += time.perf_counter() - t
         return logits
@@ -192,8 +195,9 @@ class EngineCore:
         terms = []  # (logits of the contributing rows [n, V], their rows, a scalar weight)
         for p in policies:
             pl = logits[p]
-            members = [(i, row_of[s.seq_id], w) for i, s in enumerate(pl.slots)
-                       if s.seq_id in row_of and (w := s.request.weights.get(p, 0.0)) != 0.0]
+            # a lane's weight is its stream's: a sequence with a prompt variant of p has two lanes here
+            members = [(i, row_of[lane.seq.seq_id], w) for i, lane in enumerate(pl.slots)
+                       if lane.seq.seq_id in row_of and (w := lane.seq.request.weights.get(lane.stream, 0.0)) != 0.0]
             if not members:
                 continue
             slots, rows, ws = zip(*members)
@@ -239,10 +243,11 @@ class EngineCore:
         seqs = [s for st in states for s in st.sequences if not s.finished and not s.score_prompt]
         if not seqs:
             return []
-        policies = {p for st in states for p in st.weights if p in logits}
+        policies = {p for st in states for p in st.plan.runners if p in logits}
         # rows follow the slot order of the largest policy batch, so that its logits (and those of every
         # policy whose slots hold the same sequences, as in one-recipe traffic) need no gather
-        anchor = logits[max(policies, key=lambda p: len(logits[p].slots))].slot_of
+        big = max(policies, key=lambda p: len(logits[p].slots))
+        anchor = {lane.seq.seq_id: i for i, lane in enumerate(logits[big].slots) if lane.stream == big}
         seqs.sort(key=lambda s: anchor.get(s.seq_id, len(anchor)))
         for row, seq in enumerate(seqs):
             seq.row = row
@@ -307,9 +312,10 @@ class EngineCore:
                 out.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
             pair = out.seq.request.plan.signal_pair
             if pair is not None:  # (token signals need the logprob: logq is there)
-                out.kl = float(kl_to_reference(logq[i], logits[pair.reference].logprobs(out.seq)))
+                out.kl = float(kl_to_reference(logq[i], logits[pair.reference].logprobs(out.seq, pair.reference)))
         for out in outputs:
             plan = out.seq.request.plan
             if plan.request.needs_policy_logprobs:
-                out.policy_logprobs = {p: float(logits[p].logprobs(out.seq)[out.token]) for p in plan.weights}
+                out.policy_logprobs = {s: float(logits[plan.policy_of(s)].logprobs(out.seq, s)[out.token])
+                                       for s in plan.weights}
         return outputs

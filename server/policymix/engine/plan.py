@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..errors import PolicymixError
+from ..mixing.recipes import Variant
 from ..registry import Registry
 from .protocol import GenerationRequest, ImplicitRewardSpec, Prompt, RequestPlan
 
@@ -26,7 +27,8 @@ def make_plan(registry: Registry, req: GenerationRequest) -> RequestPlan:
     if sp.prompt_logprobs is not None:
         # the scored tokens are the prompt as a policy without a system prompt renders it; a prompted
         # policy sees its system prompt first, then the same tokens (so every position is comparable)
-        scored = registry.policies[next(iter(req.recipe.active))].render(prompt, with_system_prompt=False)
+        scored = registry.policies[req.recipe.policy_of(next(iter(req.recipe.active)))].render(
+            prompt, with_system_prompt=False)
         prompt = Prompt(token_ids=scored)
     elif sp.max_tokens == 0:
         raise PolicymixError("max_tokens 0 only scores the prompt: it needs echo with logprobs, or prompt_logprobs",
@@ -35,7 +37,14 @@ def make_plan(registry: Registry, req: GenerationRequest) -> RequestPlan:
         raise PolicymixError("max_tokens 0 scores the prompt once: n and best_of must be 1", param="max_tokens")
     prompts: dict[str, list[int]] = {}
     rendered: dict[str | None, list[int]] = {}  # policies without their own system prompt render alike
+    variants = req.recipe.variants
+    if variants and scored is not None:
+        raise PolicymixError("prompt logprobs are not available with prompt variants (their contexts differ)",
+                             param="prompt_logprobs")
     for name in weights:
+        if name in variants:
+            prompts[name] = _render_variant(registry, name, variants[name], req.prompt)
+            continue
         p = registry.policies[name]
         if p.system_prompt not in rendered:
             rendered[p.system_prompt] = p.render(prompt)
@@ -48,13 +57,55 @@ def make_plan(registry: Registry, req: GenerationRequest) -> RequestPlan:
         if req.max_tokens_cap is not None:
             max_tokens = min(max_tokens, req.max_tokens_cap)
     registry.check_length(family, prompt_len, max_tokens)
-    eos = frozenset().union(*(registry.policies[name].eos_ids for name in req.recipe.active))
+    eos = frozenset().union(*(registry.policies[req.recipe.policy_of(n)].eos_ids for n in req.recipe.active))
     scorers = (req.rerank.reward_model,) if req.rerank is not None and req.rerank.kind == "reward_model" else ()
     return RequestPlan(
         request=req, sampling=replace(sp, max_tokens=max_tokens, stop=list(sp.stop),
                                       stop_token_ids=list(sp.stop_token_ids), logit_bias=dict(sp.logit_bias)),
         weights=weights, observers=tuple(n for n in observers if n not in req.recipe.active), scorers=scorers,
-        prompts=prompts, eos_ids=eos, signal_pair=pair if req.return_token_signals else None, scored=scored)
+        prompts=prompts, eos_ids=eos, signal_pair=pair if req.return_token_signals else None, scored=scored,
+        runner_of={name: v.policy for name, v in variants.items()})
+
+
+def _render_variant(registry: Registry, name: str, v: Variant, prompt: Prompt) -> list[int]:
+    """A prompt variant's context: its policy's rendering of another prompt (400s name the variant)."""
+    policy = registry.policies[v.policy]
+    field = v.origin
+    chat = prompt.messages is not None
+    if v.source in ("messages", "drop_system", "drop_context") and not chat:
+        raise PolicymixError(f"{field}: a chat variant ({v.source}) needs /v1/chat/completions", param=field)
+    if v.source == "prompt":
+        ids = policy.render(Prompt(text=v.value) if isinstance(v.value, str) else Prompt(token_ids=list(v.value)))
+    elif v.source == "messages":
+        ids = policy.render(Prompt(messages=list(v.value), add_generation_prompt=prompt.add_generation_prompt))
+    elif v.source == "negative":  # guidance's negative prompt, in the request's own form
+        ids = policy.render(Prompt(messages=[{"role": "user", "content": v.value}],
+                                   add_generation_prompt=prompt.add_generation_prompt) if chat else Prompt(text=v.value))
+    elif v.source == "system_prompt":  # the request under this system prompt instead of its own
+        if chat:
+            prompt = Prompt(messages=[m for m in prompt.messages if m.get("role") not in ("system", "developer")],
+                            add_generation_prompt=prompt.add_generation_prompt)
+        ids = policy.render(prompt, system_prompt=v.value)
+    elif v.source == "unconditional":  # the CFG paper's empty context: the start token alone
+        tok = policy.tokenizer
+        start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        ids = [start if start is not None else 0]
+    else:  # context-aware decoding: the request without its system message, or with its last user turn only
+        messages = [dict(m) for m in prompt.messages]
+        if v.source == "drop_system":
+            kept = [m for m in messages if m.get("role") not in ("system", "developer")]
+        else:
+            users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
+            if not users:
+                raise PolicymixError(f"{field}: context-aware decoding needs a user turn", param="messages")
+            kept = [messages[users[-1]]]
+        if len(kept) == len(messages):
+            raise PolicymixError(f"{field}: the conversation has no {v.source[5:]} to drop", param=field)
+        ids = policy.render(Prompt(messages=kept, add_generation_prompt=prompt.add_generation_prompt),
+                            with_system_prompt=False)
+    if not ids:
+        raise PolicymixError(f"{field}: the variant renders to no tokens", param=field)
+    return ids
 
 
 def _check(registry: Registry, req: GenerationRequest) -> tuple[ImplicitRewardSpec | None, list[str]]:

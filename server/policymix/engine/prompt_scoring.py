@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .protocol import PromptEvent, PromptLogprob
-from .sequence import RequestState, Sequence
+from .sequence import Lane, RequestState
 
 CHUNK_TOKENS = 16  # a scored prefill's tokens per step while other sequences decode (CPU: about a decode step's cost)
 
@@ -32,10 +32,11 @@ def plan_chunks(states: list[RequestState]) -> None:
         seq.chunk_end = max(0, seq.score_left - CHUNK_TOKENS) if decoding else 0
 
 
-def fold(seq: Sequence, policy: str, full: torch.Tensor) -> None:
-    """Add ``w_policy *`` the rows of ``full`` [fed positions, V] that predict this step's scored tokens."""
+def fold(lane: Lane, full: torch.Tensor) -> None:
+    """Add ``w *`` the rows of ``full`` [fed positions, V] that predict this step's scored tokens."""
+    seq = lane.seq
     state = seq.request
-    w = state.weights.get(policy, 0.0)
+    w = state.weights.get(lane.stream, 0.0)
     r, r_next, n = seq.score_left, seq.chunk_end, full.shape[0]
     if w == 0.0:  # an observer: its logits are not part of q
         return

@@ -192,23 +192,28 @@ class RequestPlan:
 
     request: GenerationRequest
     sampling: SamplingParams  # the request's, with max_tokens resolved (never None)
-    weights: dict[str, float]
+    weights: dict[str, float]  # stream (a policy, or a prompt variant of one) -> weight
     observers: tuple[str, ...]  # policies that run only to be observed (weight 0)
     scorers: tuple[str, ...]  # reward models that score best-of candidates
-    prompts: dict[str, list[int]]  # policy -> its rendered prompt ids (its own system prompt first)
+    prompts: dict[str, list[int]]  # stream -> its rendered prompt ids (a policy's own system prompt first)
     eos_ids: frozenset[int]  # EOS of the recipe's policies (observers never change when a text ends)
     signal_pair: ImplicitRewardSpec | None  # token signals' (policy, reference, beta), when asked for
     scored: list[int] | None = None  # with prompt logprobs: the tokens scored, the end of every policy's prompt
+    runner_of: dict[str, str] = field(default_factory=dict)  # prompt variant -> the policy whose weights run it
+
+    def policy_of(self, stream: str) -> str:
+        return self.runner_of.get(stream, stream)
 
     @property
     def policies(self) -> list[str]:
-        """Every policy the request uses (recipe, observers, reward models): what a key must allow."""
-        return [*self.weights, *self.scorers]
+        """Every served policy the request uses (recipe, variants' policies, observers, reward models): what
+        a key must allow."""
+        return list(dict.fromkeys([*(self.policy_of(s) for s in self.weights), *self.scorers]))
 
     @property
     def leader(self) -> str:
-        """The policy whose rendering detokenizes the output (the recipe's first)."""
-        return next(iter(self.weights))
+        """The stream whose rendering detokenizes the output: the recipe's first policy that is not a variant."""
+        return next((s for s in self.weights if s not in self.runner_of), next(iter(self.weights)))
 
     @property
     def prompt_len(self) -> int:
@@ -219,8 +224,15 @@ class RequestPlan:
         return self.sampling.candidates
 
     def reserved_tokens(self, policy: str) -> int:
-        """KV cells the request may need in ``policy``'s cache (every candidate's prompt and output)."""
-        return self.candidates * (len(self.prompts[policy]) + self.sampling.max_tokens)
+        """KV cells the request may need in ``policy``'s cache (every candidate's prompt and output, in each of
+        its contexts there: the policy's own and its prompt variants')."""
+        return sum(self.candidates * (len(prompt) + self.sampling.max_tokens)
+                   for stream, prompt in self.prompts.items() if self.policy_of(stream) == policy)
+
+    @property
+    def runners(self) -> list[str]:
+        """The policies whose forwards the request runs (each stream's)."""
+        return list(dict.fromkeys(self.policy_of(s) for s in self.prompts))
 
     def seed(self, index: int) -> int | None:
         """Candidate ``index``'s sampling seed: distinct per candidate and repeatable (None: unseeded)."""

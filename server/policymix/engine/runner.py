@@ -47,9 +47,9 @@ class PolicyRunner:
         self.mask_min = torch.finfo(dtype).min  # never -inf: an all-masked padding row would give NaN
         self.dtype = dtype
         self.cache_kw = _cache_keyword(model)
-        self.slots: list = []  # sequences in slot order
-        self._slot: dict = {}  # sequence -> its slot (sequences hash by identity)
-        self.prompt_logits: dict = {}  # sequence -> [prompt positions, V] logits of a scored prefill (read once)
+        self.slots: list = []  # lanes (a sequence's context in this policy) in slot order
+        self._slot: dict = {}  # lane -> its slot (lanes hash by identity)
+        self.prompt_logits: dict = {}  # lane -> [prompt positions, V] logits of a scored prefill (read once)
         self.lengths: list[int] = []  # tokens cached per slot
         self.forwards = 0  # forward passes run (metrics)
         self.split_steps = 0  # steps whose joining prompts ran apart from the decoding rows
@@ -60,29 +60,29 @@ class PolicyRunner:
     def __len__(self) -> int:
         return len(self.slots)
 
-    def slot_of(self, seq) -> int:
-        return self._slot[seq]
+    def slot_of(self, lane) -> int:
+        return self._slot[lane]
 
-    def holds(self, seq) -> bool:
-        return seq in self._slot
+    def holds(self, lane) -> bool:
+        return lane in self._slot
 
-    def add(self, seq, length: int = 0) -> int:
-        self._slot[seq] = len(self.slots)
-        self.slots.append(seq)
+    def add(self, lane, length: int = 0) -> int:
+        self._slot[lane] = len(self.slots)
+        self.slots.append(lane)
         self.lengths.append(length)
         return len(self.slots) - 1
 
-    def fork(self, src_seq, dst_seq) -> None:
-        """``dst_seq`` joins with a copy of ``src_seq``'s cache (n > 1 share the prompt's prefill)."""
-        src = self.slot_of(src_seq)
-        dst = self.add(dst_seq, self.lengths[src])
+    def fork(self, src, dst_lane) -> None:
+        """``dst_lane`` joins with a copy of lane ``src``'s cache (n > 1 share the prompt's prefill)."""
+        src = self.slot_of(src)
+        dst = self.add(dst_lane, self.lengths[src])
         self.cache.reserve(len(self.slots), self.cache.capacity)
         self.cache.copy_slot(src, dst, self.lengths[src])
 
-    def remove(self, seq) -> None:
-        """Free ``seq``'s slot at once; the last slot moves into the hole."""
-        self.prompt_logits.pop(seq, None)
-        hole = self._slot.pop(seq)
+    def remove(self, lane) -> None:
+        """Free ``lane``'s slot at once; the last slot moves into the hole."""
+        self.prompt_logits.pop(lane, None)
+        hole = self._slot.pop(lane)
         last = len(self.slots) - 1
         if hole != last:
             self.cache.copy_slot(last, hole, self.lengths[last])
@@ -95,15 +95,15 @@ class PolicyRunner:
     def forward(self) -> torch.Tensor:
         """Feed every slot's pending tokens; return the next token's logits [B, V] (float32, rows in slot
         order). Not normalised: the core mixes raw logits (see ``core._mix``)."""
-        feeds = [seq.step_feed(self.name) for seq in self.slots]
-        scoring = [seq.score_prompt for seq in self.slots]
+        feeds = [lane.step_feed() for lane in self.slots]
+        scoring = [lane.seq.score_prompt for lane in self.slots]
         parts = self._scored_parts(feeds, scoring) if any(scoring) else [(lo, hi, False) for lo, hi in self._parts(feeds)]
         lps = [self._forward_rows(feeds, lo, hi, whole=len(parts) == 1 and not keep, keep_all=keep)
                for lo, hi, keep in parts]
         self.split_steps += len(parts) > 1
-        for i, (seq, f) in enumerate(zip(self.slots, feeds)):
+        for i, (lane, f) in enumerate(zip(self.slots, feeds)):
             self.lengths[i] += len(f)
-            del seq.feeds[self.name][: len(f)]
+            del lane.feed[: len(f)]
         self.forwards += 1
         return lps[0] if len(lps) == 1 else torch.cat(lps)
 

@@ -20,7 +20,7 @@ from ..errors import PolicymixError
 from .detokenizer import IncrementalDetokenizer
 from .protocol import ErrorKind
 from .runner import PolicyRunner
-from .sequence import RequestState, Sequence, Status
+from .sequence import Lane, RequestState, Sequence, Status
 
 log = logging.getLogger("policymix.engine")
 
@@ -62,7 +62,7 @@ class Scheduler:
 
     def check_budget(self, state: RequestState) -> None:
         """A request that could never fit its policies' KV budgets is bad input, not a wait."""
-        for p in state.prompts:
+        for p in state.plan.runners:
             if state.reserved_tokens(p) > self.kv_budget[p]:
                 raise PolicymixError(
                     f"the request needs {state.reserved_tokens(p)} KV-cache tokens of policy {p} "
@@ -104,31 +104,33 @@ class Scheduler:
                 self.fail(state, ErrorKind.OVERLOADED, "the request waited in the queue longer than its deadline",
                           "queue_timeout")
                 continue
-            fits = all(self.reserved[p] + state.reserved_tokens(p) <= self.kv_budget[p] for p in state.prompts)
+            fits = all(self.reserved[p] + state.reserved_tokens(p) <= self.kv_budget[p] for p in state.plan.runners)
             if self.running_seqs + state.best_of > self.max_num_seqs or not fits:
                 break
             self.waiting.popleft()
             if not self._grow_caches(state):
                 continue
             self.running_seqs += state.best_of
-            for p in state.prompts:
+            for p in state.plan.runners:
                 self.reserved[p] += state.reserved_tokens(p)
             state.status = Status.RUNNING
             leader = self._new_sequence(state, 0)
             if state.plan.scored is not None:
                 leader.score_prompt, leader.score_left = True, len(state.plan.scored)
-            for p, prompt in state.prompts.items():
-                leader.feeds[p] = list(prompt)
-                self.runners[p].add(leader)
+            for stream, prompt in state.prompts.items():
+                lane = leader.lanes[stream] = Lane(leader, stream, list(prompt))
+                self.runners[state.plan.policy_of(stream)].add(lane)
             self.running[state] = None
 
     def _grow_caches(self, state: RequestState) -> bool:
         """Allocate the joining request's cache rows now (slots for best_of, room for its prompt), so that
         running out of memory refuses this request instead of failing a step everyone shares."""
         try:
-            for p, prompt in state.prompts.items():
+            for p in state.plan.runners:
+                lanes = [prompt for stream, prompt in state.prompts.items() if state.plan.policy_of(stream) == p]
                 runner = self.runners[p]
-                runner.cache.reserve(len(runner.slots) + state.best_of, max(runner.lengths, default=0) + len(prompt))
+                runner.cache.reserve(len(runner.slots) + state.best_of * len(lanes),
+                                     max(runner.lengths, default=0) + max(len(x) for x in lanes))
         except Exception as err:  # noqa: BLE001 - only allocation failures are expected here
             if not is_oom(err):
                 raise
@@ -143,7 +145,7 @@ class Scheduler:
             seed = int(torch.randint(0, 2**62, (), generator=self._seed_rng))
         sp = state.sampling
         leader = state.plan.leader
-        detok = IncrementalDetokenizer(self._tokenizer_of(leader), state.prompts[leader], sp.stop,
+        detok = IncrementalDetokenizer(self._tokenizer_of(state.plan.policy_of(leader)), state.prompts[leader], sp.stop,
                                        sp.include_stop_str_in_output, sp.skip_special_tokens)
         seq = Sequence(index, detok, seq_id=next(self._seq_ids), request=state,
                        generator=torch.Generator().manual_seed(seed))
@@ -159,9 +161,9 @@ class Scheduler:
         siblings = []
         for i in range(1, state.best_of):
             sib = self._new_sequence(state, i)
-            for p in state.prompts:
-                self.runners[p].fork(leader, sib)
-                sib.feeds[p] = []
+            for stream, src in leader.lanes.items():
+                lane = sib.lanes[stream] = Lane(sib, stream)
+                self.runners[state.plan.policy_of(stream)].fork(src, lane)
             siblings.append(sib)
         return siblings
 
@@ -171,12 +173,12 @@ class Scheduler:
         """A sequence's sampled token was recorded: feed it on, or free the slots of a finished sequence."""
         state = seq.request
         if seq.finished:
-            for p in state.prompts:
-                self.runners[p].remove(seq)
+            for lane in seq.lanes.values():
+                self.runners[state.plan.policy_of(lane.stream)].remove(lane)
             state.live -= 1
         else:
-            for p in state.prompts:
-                seq.feeds[p].append(token)
+            for lane in seq.lanes.values():
+                lane.feed.append(token)
 
     def done(self, state: RequestState) -> bool:
         """Every candidate of the request has finished."""
@@ -185,14 +187,14 @@ class Scheduler:
     def release(self, state: RequestState) -> None:
         """Free every cache slot and reservation of a request at once."""
         for seq in state.sequences:
-            for p in state.prompts:
-                runner = self.runners[p]
-                if runner.holds(seq):
-                    runner.remove(seq)
+            for lane in seq.lanes.values():
+                runner = self.runners[state.plan.policy_of(lane.stream)]
+                if runner.holds(lane):
+                    runner.remove(lane)
         if state in self.running:
             del self.running[state]
             self.running_seqs -= state.best_of
-            for p in state.prompts:
+            for p in state.plan.runners:
                 self.reserved[p] -= state.reserved_tokens(p)
         state.status = Status.FINISHED
 

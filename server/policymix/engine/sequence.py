@@ -105,21 +105,30 @@ def finish_request(seqs: list[SequenceOutput], plan: RequestPlan, scores: list[f
 
 @dataclass(kw_only=True, eq=False)
 class Sequence(SequenceOutput):
-    """A native-engine continuation. ``feeds`` holds, per policy, the tokens not yet in its cache."""
+    """A native-engine continuation: one lane (context, cache slot) per policy or prompt variant it runs."""
 
     seq_id: int
     request: "RequestState"
     generator: torch.Generator
-    feeds: dict[str, list[int]] = field(default_factory=dict)
+    lanes: dict[str, "Lane"] = field(default_factory=dict)  # stream (policy or variant name) -> its lane
     row: int = -1  # row in this step's mixed-score matrix
     score_prompt: bool = False  # its prefill is being scored (prompt logprobs): not sampled until it ends
     score_left: int = 0  # scored tokens whose predictors are still unfed (the same at every policy's end)
     chunk_end: int = 0  # tokens this step leaves unfed at the end of every policy's context
 
-    def step_feed(self, policy: str) -> list[int]:
-        """The tokens ``policy``'s forward takes this step (all pending, unless a scored prefill is chunked)."""
-        f = self.feeds[policy]
-        return f[: len(f) - self.chunk_end] if self.chunk_end else f
+
+@dataclass(eq=False)
+class Lane:
+    """One context of a sequence inside a policy's runner: the policy's own, or a prompt variant's."""
+
+    seq: Sequence
+    stream: str  # the plan's name for this context: a policy, or a variant of the runner's policy
+    feed: list[int] = field(default_factory=list)  # tokens not yet in this context's cache
+
+    def step_feed(self) -> list[int]:
+        """The tokens the runner takes this step (all pending, unless a scored prefill is chunked)."""
+        c = self.seq.chunk_end
+        return self.feed[: len(self.feed) - c] if c else self.feed
 
 
 @dataclass(eq=False)
@@ -145,6 +154,7 @@ class RequestState:
 
     @property
     def prompts(self) -> dict[str, list[int]]:
+        """Stream (policy or prompt variant) -> its rendered prompt."""
         return self.plan.prompts
 
     @property

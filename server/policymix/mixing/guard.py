@@ -41,11 +41,16 @@ def check_recipe(recipe: CompiledRecipe, policies: Mapping[str, PolicyInfo], gua
                 who, recipe)
     if allow_inversion:
         return
+    totals: dict[str, float] = {}  # a prompt variant counts as its policy: the sum must stay >= the floor
     for name, w in recipe.weights.items():
+        policy = recipe.policy_of(name)
+        totals[policy] = totals.get(policy, 0.0) + w
+    for name, w in totals.items():
         info = policies.get(name)
         if info is not None and info.protected and w < info.floor:
             _refuse(
-                f"policy {name!r} is protected: its weight {w:g} is below its floor {info.floor:g}. A weight below "
+                f"policy {name!r} is protected: its weight {w:g} (its prompt variants included) is below its floor "
+                f"{info.floor:g}. A weight below "
                 f"the floor subtracts its safety tuning (pi_ref * (pi_ref / pi_{name})^a, the weak-to-strong "
                 "jailbreak); this key is not allowed to invert protected policies (guard rule: protected floor)",
                 who, recipe)

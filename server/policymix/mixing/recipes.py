@@ -9,13 +9,19 @@ Every recipe is a log-linear mixture: the next-token score is ``s = sum_k w_k * 
 | DeRa                  | P: b/b2, R: 1 - b/b2          (pi ∝ pi_ref · exp(r / b2))       |
 | MOD + beta'           | P_i: w_i·b/b2, R: 1 - sum w_i·b/b2                              |
 | proxy tuning          | L: 1, S+: a, S-: -a                                             |
+| guidance (CFG)        | P: g, P[neg]: 1 - g           (P[neg]: P under the negative prompt) |
+| context-aware         | P: 1 + a, P[-context]: -a     (P[-context]: P without the context)  |
+
+``prompt_variants`` name served policies under other contexts (a variant runs its policy's weights
+with its own cache rows, for one request); variant names stand in ``weights``, ``objectives`` and
+``proxy`` like policies. The guard and API-key scopes see a variant as its policy.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping
 
 from pydantic import ValidationError
 
@@ -37,6 +43,29 @@ class PolicyInfo:
 
 
 @dataclass(frozen=True)
+class Variant:
+    """A served policy under another context, for one request."""
+
+    policy: str
+    source: str  # "prompt" | "messages" | "system_prompt" | "negative" | "unconditional" | "drop_system" | "drop_context"
+    value: Any = None  # the text, token ids or messages (rendered by the engine; never echoed)
+    origin: str = "mixture.prompt_variants"  # the request field that defined it (named in errors)
+
+    def describe(self) -> dict[str, Any]:
+        """What the response echoes: the policy, the source and its length, not its text."""
+        v = self.value
+        if isinstance(v, str):
+            length = {"chars": len(v)}
+        elif isinstance(v, list) and v and isinstance(v[0], dict):
+            length = {"messages": len(v), "chars": sum(len(str(m.get("content") or "")) for m in v)}
+        elif isinstance(v, list):
+            length = {"tokens": len(v)}
+        else:
+            length = {}
+        return {"policy": self.policy, "source": self.source, **length}
+
+
+@dataclass(frozen=True)
 class CompiledRecipe:
     weights: dict[str, float]  # every policy the recipe names, zeros included (echoed to clients)
     family: int
@@ -45,11 +74,17 @@ class CompiledRecipe:
     reference: str | None = None  # MOD / DeRa: the reference the recipe is relative to
     tuned: str | None = None  # DeRa: the tuned policy; MOD: the first objective
     betas: tuple[float, ...] = ()  # beta / beta_prime values the recipe used (guard bounds)
+    variants: Mapping[str, Variant] = field(default_factory=dict)  # names in ``weights`` that are variants
 
     @property
     def active(self) -> dict[str, float]:
-        """Policies that contribute to the score (weight != 0)."""
+        """Policies (and variants) that contribute to the score (weight != 0)."""
         return {k: w for k, w in self.weights.items() if w != 0.0}
+
+    def policy_of(self, name: str) -> str:
+        """The served policy behind a name of ``weights`` (a variant's policy, else the name itself)."""
+        v = self.variants.get(name)
+        return v.policy if v is not None else name
 
 
 def _finite(value: float, field: str) -> float:
@@ -79,22 +114,23 @@ def _form_of(r: Recipe) -> str:
         forms.append("mod")
     elif r.policy is not None:
         forms.append("dera")
+    if r.guidance is not None:
+        forms.append("guidance")
+    if r.context_aware is not None:
+        forms.append("context_aware")
     if len(forms) != 1:
         raise RecipeError(
             "a mixture needs exactly one of: weights, objectives (+ reference), "
-            "policy + beta_prime (+ reference), proxy",
+            "policy + beta_prime (+ reference), proxy, guidance, context_aware",
             param="mixture",
         )
     form = forms[0]
-    stray = {
-        "weights": ("reference", "policy", "objectives", "beta", "beta_prime"),
-        "proxy": ("reference", "policy", "objectives", "beta", "beta_prime"),
-        "mod": ("policy",),
-        "dera": (),
-    }[form]
-    for field in stray:
-        if getattr(r, field) is not None:
-            raise RecipeError(f"mixture.{field} does not belong to a {form} recipe", param=f"mixture.{field}")
+    others = ("reference", "policy", "objectives", "beta", "beta_prime")
+    stray = {"weights": others, "proxy": others, "guidance": others, "context_aware": others,
+             "mod": ("policy",), "dera": ()}[form]
+    for name in stray:
+        if getattr(r, name) is not None:
+            raise RecipeError(f"mixture.{name} does not belong to a {form} recipe", param=f"mixture.{name}")
     return form
 
 
@@ -115,6 +151,16 @@ def _compile_form(r: Recipe, form: str, policies: Mapping[str, PolicyInfo]) -> d
         add(p.base, 1.0)
         add(p.tuned, alpha)
         add(p.untuned, -alpha)
+    elif form == "guidance":
+        g = r.guidance
+        scale = _finite(g.scale, "mixture.guidance.scale")
+        add(g.policy, scale)
+        add(f"{g.policy}[neg]", 1.0 - scale)
+    elif form == "context_aware":
+        c = r.context_aware
+        alpha = _finite(c.alpha, "mixture.context_aware.alpha")
+        add(c.policy, 1.0 + alpha)
+        add(f"{c.policy}[-{c.drop}]", -alpha)
     elif form == "mod":
         ref = _reference(r, policies)
         if not r.objectives:
@@ -187,6 +233,8 @@ def compile_recipe(
             raise RecipeError(f"{field}: {first['msg']}", param=field) from None
 
     form = _form_of(recipe)
+    variants = _variants(recipe, policies, mixtures)
+    policies = {**policies, **{n: replace(policies[v.policy], name=n, protected=False) for n, v in variants.items()}}
     weights = _compile_form(recipe, form, policies)
     reference = tuned = None
     if form in ("mod", "dera"):
@@ -208,4 +256,41 @@ def compile_recipe(
     if all(v == 0.0 for v in weights.values()):
         raise RecipeError("all mixture weights are zero", param="mixture")
     betas = tuple(float(b) for b in (recipe.beta, recipe.beta_prime) if b is not None)
-    return CompiledRecipe(weights, families.pop(), form, mixture_name, reference, tuned, betas)
+    used = {n: v for n, v in variants.items() if n in weights}
+    return CompiledRecipe(weights, families.pop(), form, mixture_name, reference, tuned, betas, used)
+
+
+def _served_policy(name: str, policies: Mapping[str, PolicyInfo], field: str) -> None:
+    info = policies.get(name)
+    if info is None:
+        raise RecipeError(f"{field}: unknown policy {name!r}", param=field)
+    if info.kind != "causal":
+        raise RecipeError(f"{field}: {name!r} is a reward model, not a policy", param=field)
+
+
+def _variants(r: Recipe, policies: Mapping[str, PolicyInfo], mixtures: Mapping[str, Recipe]) -> dict[str, Variant]:
+    """The recipe's prompt variants (declared, and those guidance / context_aware imply), checked."""
+    out: dict[str, Variant] = {}
+    for name, v in (r.prompt_variants or {}).items():
+        field_ = f"mixture.prompt_variants.{name}"
+        if name in policies or name in mixtures:
+            raise RecipeError(f"{field_}: a variant may not take the name of a served policy or mixture", param=field_)
+        _served_policy(v.policy, policies, f"{field_}.policy")
+        given = [(s, getattr(v, s)) for s in ("prompt", "messages", "system_prompt") if getattr(v, s) is not None]
+        if len(given) != 1:
+            raise RecipeError(f"{field_}: give exactly one of prompt, messages, system_prompt", param=field_)
+        source, value = given[0]
+        if not value:
+            raise RecipeError(f"{field_}.{source}: an empty variant", param=f"{field_}.{source}")
+        out[name] = Variant(v.policy, source, value, field_)
+    if r.guidance is not None:
+        g = r.guidance
+        _served_policy(g.policy, policies, "mixture.guidance.policy")
+        neg = g.negative_prompt
+        out[f"{g.policy}[neg]"] = Variant(g.policy, "unconditional", None, "mixture.guidance") if not neg else \
+            Variant(g.policy, "messages" if isinstance(neg, list) else "negative", neg, "mixture.guidance.negative_prompt")
+    if r.context_aware is not None:
+        c = r.context_aware
+        _served_policy(c.policy, policies, "mixture.context_aware.policy")
+        out[f"{c.policy}[-{c.drop}]"] = Variant(c.policy, f"drop_{c.drop}", None, "mixture.context_aware")
+    return out

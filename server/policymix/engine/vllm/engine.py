@@ -189,6 +189,12 @@ class VllmEngine(RegistryEngineClient):
         for name in request.recipe.active:
             if name in self.unservable:
                 raise PolicymixError(self.unservable[name], param="mixture" if request.recipe.form != "single" else "model")
+        if request.recipe.variants:
+            which = "guidance" if request.recipe.form == "guidance" else \
+                "context_aware" if request.recipe.form == "context_aware" else "prompt_variants"
+            raise PolicymixError(f"prompt variants (mixture.{which}) are not available on --engine vllm: a variant "
+                                 "needs its own cache rows beside its policy's, and the composite runs one prompt per "
+                                 "request (docs/vllm.md); use --engine native", param=f"mixture.{which}")
         if request.sampling.prompt_logprobs is not None:
             raise PolicymixError("prompt log-probabilities (echo with logprobs, prompt_logprobs) are not available on "
                                  "--engine vllm: vLLM scores prompt positions through compute_logits without the "
