@@ -110,6 +110,7 @@ EXPECTED = {  # the weights each recipe compiles to with the tiny config's names
     "proxy": {"formal": 1.0, "dpo": 1.0, "base": -1.0},
     "named_mixture": {"dpo": 0.5, "formal": 0.5},
     "best_of": {"dpo": 1.0},
+    "guidance": {"base": 1.5, "base[neg]": -0.5},
 }
 
 
