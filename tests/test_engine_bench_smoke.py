@@ -47,3 +47,19 @@ def test_cpu_linear_benchmark_runs(tiny_dir, tmp_path):
     from policymix.engine.cpu_linear import can_pack
 
     assert (data["meta"]["linear layers packed"] > 0) == can_pack("cpu", torch.float32)
+
+
+def test_scoring_and_guidance_benchmarks_run(tiny_registry):
+    """The pieces of benchmarks/scoring.py and benchmarks/guidance.py on the tiny models (they check their
+    own outputs: every prompt scored, every guided request complete)."""
+    from benchmarks import guidance, scoring
+    from policymix.engine.core import EngineCore
+
+    V = tiny_registry.policies["base"].vocab_size
+    prompts = scoring._prompts(3, 20, V)
+    assert scoring.engine_scoring_s(tiny_registry, {"base": 1.0, "dpo": -0.5}, prompts) > 0
+    assert scoring.hf_scoring_s(tiny_registry.policies["base"].model, prompts, V) > 0
+    gaps = scoring.stream_gaps(EngineCore(tiny_registry), tiny_registry, 2, 12, scoring._prompts(1, 60, V)[0])
+    assert len(gaps) == 2 * 11
+    mixture = {"guidance": {"policy": "base", "scale": 1.5, "negative_prompt": guidance.NEGATIVE}}
+    assert guidance.run(tiny_registry, mixture, [guidance.PROMPT] * 2, 5) > 0
