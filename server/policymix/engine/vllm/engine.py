@@ -24,7 +24,8 @@ from typing import Any, AsyncIterator, Callable
 from ...config import Config
 from ...errors import PolicymixError
 from ...registry import Registry
-from ..protocol import EngineError, EngineEvent, ErrorKind, GenerationRequest, RequestDone, RequestPlan, TokenEvent
+from ..protocol import (EngineError, EngineEvent, ErrorKind, GenerationRequest, PromptEvent, PromptLogprob, RequestDone,
+                        RequestPlan, TokenEvent)
 from ..requests import RegistryEngineClient, event_stream
 from ..sequence import SequenceOutput
 from .catalog import load_catalog
@@ -195,10 +196,6 @@ class VllmEngine(RegistryEngineClient):
             raise PolicymixError(f"prompt variants (mixture.{which}) are not available on --engine vllm: a variant "
                                  "needs its own cache rows beside its policy's, and the composite runs one prompt per "
                                  "request (docs/vllm.md); use --engine native", param=f"mixture.{which}")
-        if request.sampling.prompt_logprobs is not None:
-            raise PolicymixError("prompt log-probabilities (echo with logprobs, prompt_logprobs) are not available on "
-                                 "--engine vllm: vLLM scores prompt positions through compute_logits without the "
-                                 "request's weights (docs/vllm.md); use --engine native", param="prompt_logprobs")
         plan = super().plan(request)
         for name in plan.observers:
             if name in self.unservable:
@@ -367,8 +364,10 @@ class VllmEngine(RegistryEngineClient):
             if plan.signal_pair is not None:
                 extra[REFERENCE_ARG] = job.policies[plan.signal_pair.reference]
         stop_ids = set(sp.stop_token_ids) | (set() if sp.ignore_eos else plan.eos_ids)
+        prompt_k = sp.prompt_logprobs if seq.index == 0 else None  # the prompt is scored once
         return SamplingParams(
-            n=1, max_tokens=sp.max_tokens, temperature=sp.temperature, top_p=sp.top_p,
+            n=1, max_tokens=max(1, sp.max_tokens),  # max_tokens 0 (scoring only): its one token is dropped
+            prompt_logprobs=prompt_k, temperature=sp.temperature, top_p=sp.top_p,
             top_k=sp.top_k if sp.top_k > 0 else 0, min_p=sp.min_p, seed=plan.seed(seq.index),
             stop_token_ids=sorted(stop_ids), ignore_eos=True,  # EOS is one of the stop ids (min_tokens blocks them)
             min_tokens=sp.min_tokens, logprobs=sp.logprobs or 0,  # the chosen token's logprob always
@@ -395,6 +394,12 @@ class VllmEngine(RegistryEngineClient):
                               self._sampling_params(job, seq), request_id=key)
         try:
             async for out in stream:
+                if out.prompt_logprobs is not None and seq.index == 0 and not job.prompt_sent:
+                    job.prompt_sent = True
+                    job.emit(_prompt_event(job.prompt, out.prompt_logprobs, job.plan.sampling.prompt_logprobs))
+                    if job.plan.sampling.max_tokens == 0:  # scoring only: no token
+                        seq.finish_reason = "length"
+                        return
                 o = out.outputs[0]
                 for j, tok in enumerate(o.token_ids):
                     lps = o.logprobs[j] if o.logprobs else {}
@@ -418,3 +423,12 @@ class VllmEngine(RegistryEngineClient):
             await stream.aclose()  # a sequence that we end (stop string) is aborted in vLLM at once
             if watch:
                 self._receiver.close(key)
+
+
+def _prompt_event(prompt: list[int], logprobs: list, k: int) -> PromptEvent:
+    """vLLM's prompt logprobs (per position a dict token -> Logprob, the first None) as the engines' event."""
+    entries: list[PromptLogprob | None] = [None]
+    for tid, lps in zip(prompt[1:], logprobs[1:]):
+        top = sorted((lp.rank, t, lp.logprob) for t, lp in lps.items() if lp.rank is not None and lp.rank <= k)
+        entries.append(PromptLogprob(lps[tid].logprob, lps[tid].rank, [(t, v) for _, t, v in top[:k]]))
+    return PromptEvent(list(prompt), entries)

@@ -24,6 +24,7 @@ class Job:
     policies: dict[str, int] = field(default_factory=dict)  # policies whose logprobs are reported -> index
     emit: Callable[[Any], None] = lambda ev: None
     seqs: list[SequenceOutput] = field(default_factory=list)
+    prompt_sent: bool = False  # prompt logprobs: the PromptEvent went out
 
     @property
     def req(self) -> GenerationRequest:

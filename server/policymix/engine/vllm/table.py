@@ -81,6 +81,7 @@ class WeightTable(LogitsProcessor):
         self.weights = self.cpu if device.type == "cpu" else torch.zeros_like(self.cpu, device=device)
         self.need = torch.zeros(rows, self.k, dtype=torch.bool)  # weight != 0, or observed
         self.watch: list[_Watch | None] = [None] * rows
+        self.prompt_rows = [False] * rows  # rows whose requests asked for prompt logprobs
         self.num_reqs = 0
         self.used = [True] * self.k  # policies that some request of the current batch needs
         self._kept: tuple[dict[int, torch.Tensor], torch.Tensor, list[tuple[int, _Watch, int]]] | None = None
@@ -128,10 +129,12 @@ class WeightTable(LogitsProcessor):
         if batch_update is None:
             return
         t, need, watch = self.cpu, self.need, self.watch
+        prompts = self.prompt_rows
         for i in batch_update.removed:
-            t[i], need[i], watch[i] = 0.0, False, None
+            t[i], need[i], watch[i], prompts[i] = 0.0, False, None, False
         for i, params, _, outputs in batch_update.added:
             t[i] = torch.tensor(_weights_of(params, self.k), dtype=torch.float32)
+            prompts[i] = params.prompt_logprobs is not None
             need[i] = t[i] != 0
             extra = params.extra_args or {}
             for k in extra.get(OBSERVE_ARG) or ():
@@ -145,9 +148,10 @@ class WeightTable(LogitsProcessor):
                 t[[a, b]] = t[[b, a]]
                 need[[a, b]] = need[[b, a]]
                 watch[a], watch[b] = watch[b], watch[a]
+                prompts[a], prompts[b] = prompts[b], prompts[a]
             else:
-                t[b], need[b], watch[b] = t[a], need[a], watch[a]
-                t[a], need[a], watch[a] = 0.0, False, None
+                t[b], need[b], watch[b], prompts[b] = t[a], need[a], watch[a], prompts[a]
+                t[a], need[a], watch[a], prompts[a] = 0.0, False, None, False
         self.num_reqs = batch_update.batch_size
         self.used = need[: self.num_reqs].any(0).tolist()
         if self.weights is not t:
