@@ -1,8 +1,9 @@
-"""Best-of-n scoring: mean log-probability, the implicit DPO reward, or a reward model."""
+"""Best-of-n scoring: mean log-probability, the implicit DPO reward, or a reward model; and soft selection."""
 
 from __future__ import annotations
 
 import math
+import random
 
 import torch
 
@@ -10,6 +11,32 @@ import torch
 def kl_bound(n: int) -> float:
     """Upper bound on KL(best-of-n || policy): log n - (n - 1) / n."""
     return math.log(n) - (n - 1) / n
+
+
+def soft_probabilities(scores: list[float], temperature: float) -> list[float]:
+    """Soft best-of-n: each candidate's selection probability, proportional to exp(score / temperature)."""
+    top = max(scores)
+    w = [math.exp((s - top) / temperature) for s in scores]
+    total = sum(w)
+    return [x / total for x in w]
+
+
+def soft_choose(probabilities: list[float], n: int, rng: random.Random) -> list[int]:
+    """``n`` distinct indices drawn one after another, each with probability proportional to its weight
+    among those left (n = 1: exactly ``probabilities``)."""
+    left = dict(enumerate(probabilities))
+    chosen = []
+    for _ in range(min(n, len(left))):
+        u, acc = rng.random() * sum(left.values()), 0.0
+        pick = next(iter(left))
+        for i, p in left.items():
+            acc += p
+            pick = i
+            if u < acc:
+                break
+        chosen.append(pick)
+        del left[pick]
+    return chosen
 
 
 @torch.inference_mode()

@@ -37,17 +37,39 @@ class ImplicitRerank(_Part):
     beta: float = Field(gt=0, allow_inf_nan=False)
 
 
-class RewardModelRerank(BaseModel):
+class PruneSpec(_Part):
+    """Early-pruned best-of-n: every ``every`` tokens the running candidates are scored, the best ``keep``
+    fraction continues (at least one)."""
+
+    every: int = Field(ge=1)
+    keep: float = Field(gt=0, le=1, allow_inf_nan=False)
+
+
+class SoftSpec(_Part):
+    """Soft best-of-n: the returned candidate is drawn with probability proportional to exp(score / temperature)."""
+
+    temperature: float = Field(gt=0, allow_inf_nan=False)
+
+
+class _RerankOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    prune: PruneSpec | None = None
+    soft: SoftSpec | None = None
+
+
+class RewardModelRerank(_RerankOptions):
     reward_model: str
 
 
-class ImplicitRerankSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ImplicitRerankSpec(_RerankOptions):
     implicit: ImplicitRerank
 
 
-Rerank = Union[Literal["logprob"], RewardModelRerank, ImplicitRerankSpec]
+class LogprobRerank(_RerankOptions):
+    """Mean mixed logprob (the default scorer) with prune or soft options: ``{"prune": {...}}``."""
+
+
+Rerank = Union[Literal["logprob"], RewardModelRerank, ImplicitRerankSpec, LogprobRerank]
 
 
 class _Common(_Request):
@@ -177,8 +199,9 @@ class CandidateOut(BaseModel):
     text: str
     token_ids: list[int]
     score: float
-    finish_reason: str
+    finish_reason: str  # "pruned": stopped early by rerank.prune, at len(token_ids) tokens
     prompt_index: int = 0  # which prompt of a batched /v1/completions request
+    probability: float | None = None  # rerank.soft: this candidate's selection probability
 
 
 class TokenSignal(BaseModel):
@@ -205,6 +228,7 @@ class PolicymixExtension(ChoiceExtension):
     variants: dict[str, dict[str, Any]] | None = None  # prompt variants in ``weights``: policy, source, lengths
     candidates: list[CandidateOut] | None = None
     kl_bound: float | None = None
+    usage: dict[str, int] | None = None  # best-of: generated_tokens, every candidate's (pruned ones included)
 
 
 class CompletionLogprobs(BaseModel):

@@ -51,6 +51,7 @@ from .protocol import (
     DetokenizeResponse,
     ModelCardOut,
     ModelList,
+    ImplicitRerankSpec,
     ModelPolicymix,
     RewardModelRerank,
     TokenizeRequest,
@@ -389,8 +390,12 @@ def _rerank(spec: Any) -> RerankSpec | None:
         return None
     if isinstance(spec, str):
         return RerankSpec(kind="logprob")
+    options = {"prune_every": spec.prune.every if spec.prune else None,
+               "prune_keep": spec.prune.keep if spec.prune else None,
+               "soft_temperature": spec.soft.temperature if spec.soft else None}
     if isinstance(spec, RewardModelRerank):  # an empty name too: the engine answers 400 naming the field
-        return RerankSpec(kind="reward_model", reward_model=spec.reward_model)
-    imp = spec.implicit
-    return RerankSpec(kind="implicit", implicit=ImplicitRewardSpec(imp.policy, imp.reference, imp.beta))
-
+        return RerankSpec(kind="reward_model", reward_model=spec.reward_model, **options)
+    if isinstance(spec, ImplicitRerankSpec):
+        imp = spec.implicit
+        return RerankSpec(kind="implicit", implicit=ImplicitRewardSpec(imp.policy, imp.reference, imp.beta), **options)
+    return RerankSpec(kind="logprob", **options)

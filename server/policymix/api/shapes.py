@@ -111,15 +111,17 @@ def extension(job: "Job", acc: Accumulator, per_choice: dict[int, ChoiceExtensio
     if any(d.candidates for d in acc.dones.values()):
         candidates = [
             CandidateOut(text=c.text, token_ids=list(c.token_ids), score=num(c.score) or 0.0,
-                         finish_reason=c.finish_reason, prompt_index=i)
+                         finish_reason=c.finish_reason, prompt_index=i, probability=num(c.probability))
             for i, d in sorted(acc.dones.items()) for c in (d.candidates or [])
         ]
     head = per_choice.get(0, ChoiceExtension())
+    generated = [d.generated_tokens for d in acc.dones.values() if d.generated_tokens is not None]
     return PolicymixExtension(
         weights=dict(first.weights or job.recipe.weights), mixture=job.recipe.mixture_name,
         variants={n: v.describe() for n, v in job.recipe.variants.items()} or None,
         candidates=candidates, kl_bound=num(first.kl_bound), kl_to_reference=head.kl_to_reference,
         implicit_reward=head.implicit_reward, token_signals=head.token_signals,
+        usage={"generated_tokens": sum(generated)} if generated else None,
     )
 
 

@@ -10,6 +10,7 @@ request never stalls the other streams' steps.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -47,7 +48,9 @@ class OutputProcessor:
 
     def process(self, outputs: list[StepOutput]) -> None:
         """Record every output's token (finish checks, text, event), then let the scheduler feed it on or
-        free the slots; a request whose candidates have all finished is closed."""
+        free the slots; a request whose candidates have all finished is closed. Best-of requests with
+        ``rerank.prune`` drop their worst running candidates every ``every`` tokens."""
+        pruning: dict[RequestState, None] = {}
         for out in outputs:
             seq = out.seq
             state = seq.request
@@ -62,9 +65,46 @@ class OutputProcessor:
                 self.scheduler.update(seq, out.token)
                 if seq.finished and self.scheduler.done(state):
                     self._close(state)
+                elif state.req.rerank is not None and state.req.rerank.prune_every and state.forked:
+                    pruning[state] = None
             except Exception as err:  # noqa: BLE001 - e.g. a detokenizer error: only this request fails
                 log.exception("post-processing failed for request %s", state.req.request_id)
                 self.scheduler.fail(state, *failure_of(err, "post-processing"))
+        for state in pruning:
+            if state.status == Status.RUNNING:
+                try:
+                    self._prune(state)
+                except Exception as err:  # noqa: BLE001 - e.g. the reward model failed: this request only
+                    log.exception("pruning failed for request %s", state.req.request_id)
+                    self.scheduler.fail(state, *failure_of(err, "pruning"))
+
+    def _prune(self, state: RequestState) -> None:
+        """Every ``every`` tokens (the candidates decode in lockstep), score the running ones on their text so
+        far, with the request's own scorer, and stop all but the best ``keep`` fraction (``finish_reason``
+        "pruned"; their cache is freed now). At least one runs on, and enough to return ``n``."""
+        rr, sp = state.req.rerank, state.sampling
+        live = [s for s in state.sequences if not s.finished]
+        if not live or len(live[0].output_ids) % rr.prune_every or len(live[0].output_ids) >= sp.max_tokens:
+            return
+        done = sum(1 for s in state.sequences if s.finished and s.finish_reason != "pruned")
+        keep = max(math.ceil(rr.prune_keep * len(live)), sp.n - done, 1)
+        if keep >= len(live):
+            return
+        scores = self._scores(state, live)
+        for i in sorted(range(len(live)), key=lambda i: -scores[i])[keep:]:
+            seq = live[i]
+            seq.finish_reason = "pruned"
+            self.scheduler.update(seq, -1)
+        if self.scheduler.done(state):
+            self._close(state)
+
+    def _scores(self, state: RequestState, seqs: list[Sequence]) -> list[float]:
+        rr = state.req.rerank
+        if rr is not None and rr.kind == "reward_model":  # partial texts: scored here, on the step thread
+            rm = self.registry.policies[rr.reward_model]
+            with torch.inference_mode():
+                return reward_model_scores(rm, state.req.prompt, [s.detok.text for s in seqs])
+        return rerank_scores(seqs, rr)
 
     def finish_unsampled(self, seq: Sequence) -> None:
         """A sequence that ends before its first token (max_tokens 0: the prompt was only scored)."""

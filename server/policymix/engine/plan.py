@@ -127,6 +127,10 @@ def _check(registry: Registry, req: GenerationRequest) -> tuple[ImplicitRewardSp
             raise PolicymixError(f"unknown reward model {rr.reward_model!r}", param="rerank.reward_model")
         if rm.kind != "reward":
             raise PolicymixError(f"{rr.reward_model!r} is a policy, not a reward model", param="rerank.reward_model")
+    for name, value in (("prune", rr.prune_every if rr else None), ("soft", rr.soft_temperature if rr else None)):
+        if value is not None and not best_of > sp.n:
+            raise PolicymixError(f"rerank.{name} chooses among best-of candidates: it needs best_of > n",
+                                 param=f"rerank.{name}")
     if rr is not None and rr.kind == "implicit" and (rr.implicit is None or not rr.implicit.beta > 0):
         raise PolicymixError("rerank.implicit.beta must be > 0", param="rerank.implicit.beta")
     if req.signals is not None and not req.signals.beta > 0:

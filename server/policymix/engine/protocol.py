@@ -57,6 +57,9 @@ class RerankSpec:
     kind: Literal["logprob", "reward_model", "implicit"] = "logprob"
     reward_model: str | None = None
     implicit: ImplicitRewardSpec | None = None
+    prune_every: int | None = None  # prune: score the running candidates every this many tokens...
+    prune_keep: float | None = None  # ...and keep this fraction of them (at least one)
+    soft_temperature: float | None = None  # soft best-of: draw the returned ones ~ exp(score / temperature)
 
 
 @dataclass
@@ -125,7 +128,8 @@ class Candidate:
     text: str
     token_ids: list[int]
     score: float
-    finish_reason: str
+    finish_reason: str  # "pruned": stopped early by rerank pruning
+    probability: float | None = None  # soft best-of: its selection probability
 
 
 @dataclass
@@ -171,6 +175,7 @@ class RequestDone:
     error: str | None = None  # set when the request failed inside the engine
     error_kind: ErrorKind | None = None  # with ``error``
     error_code: str | None = None  # finer than the kind: queue_timeout, engine_stopped, nan, ...
+    generated_tokens: int | None = None  # best-of: every candidate's tokens, pruned ones included
 
     @classmethod
     def failure(cls, kind: ErrorKind, message: str, code: str | None, prompt_tokens: int,

@@ -7,12 +7,13 @@ turn into; the vLLM engine (vllm/jobs.py) uses them too, so both engines answer 
 from __future__ import annotations
 
 import enum
+import random
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
-from ..rerank import kl_bound
+from ..rerank import kl_bound, soft_choose, soft_probabilities
 from .detokenizer import IncrementalDetokenizer, finish_reason
 from .protocol import (Candidate, GenerationRequest, ImplicitRewardSpec, RequestDone, RequestPlan, RerankSpec,
                        SamplingParams, SequenceResult, TokenEvent)
@@ -84,12 +85,26 @@ def rerank_scores(seqs: list[SequenceOutput], rerank: RerankSpec | None) -> list
 def finish_request(seqs: list[SequenceOutput], plan: RequestPlan, scores: list[float] | None,
                    emit: Callable[[Any], None]) -> RequestDone:
     """Emit best-of candidates' buffered events in rank order (``scores``: one per sequence, when
-    reranked); return the closing RequestDone."""
-    sp, signals = plan.sampling, plan.signal_pair is not None
+    reranked; a pruned candidate's is its score where it stopped, and it is never returned); return the
+    closing RequestDone. ``rerank.soft`` draws the returned ones ~ exp(score / temperature) instead."""
+    sp, signals, rr = plan.sampling, plan.signal_pair is not None, plan.request.rerank
     chosen, candidates = seqs[: sp.n], None
     if sp.reranked:
-        candidates = [Candidate(s.detok.text, list(s.output_ids), sc, s.finish_reason) for s, sc in zip(seqs, scores)]
-        chosen = [seqs[i] for i in sorted(range(len(seqs)), key=lambda i: -scores[i])[: sp.n]]
+        eligible = [i for i, s in enumerate(seqs) if s.finish_reason != "pruned"]
+        probs = [0.0] * len(seqs)
+        if rr is not None and rr.soft_temperature is not None:
+            p = soft_probabilities([scores[i] for i in eligible], rr.soft_temperature)
+            for i, q in zip(eligible, p):
+                probs[i] = q
+            seed = plan.seed(plan.candidates)  # a stream no candidate samples from
+            rng = random.Random(seed) if seed is not None else random.SystemRandom()
+            order = [eligible[k] for k in soft_choose(p, sp.n, rng)]
+        else:
+            order = sorted(eligible, key=lambda i: -scores[i])[: sp.n]
+        soft = rr is not None and rr.soft_temperature is not None
+        candidates = [Candidate(s.detok.text, list(s.output_ids), sc, s.finish_reason, probs[i] if soft else None)
+                      for i, (s, sc) in enumerate(zip(seqs, scores))]
+        chosen = [seqs[i] for i in order]
         for new_index, s in enumerate(chosen):
             for ev in s.events:
                 ev.index = new_index
@@ -98,9 +113,11 @@ def finish_request(seqs: list[SequenceOutput], plan: RequestPlan, scores: list[f
                               stop_reason=s.stop_reason, kl_to_reference=s.kl_sum if signals else None,
                               implicit_reward=s.reward_sum if signals else None)
                for i, s in enumerate(chosen)]
-    return RequestDone(prompt_tokens=plan.prompt_len, completion_tokens=sum(len(s.output_ids) for s in seqs),
+    generated = sum(len(s.output_ids) for s in seqs)
+    return RequestDone(prompt_tokens=plan.prompt_len, completion_tokens=generated,
                        sequences=results, weights=dict(plan.request.recipe.weights), candidates=candidates,
-                       kl_bound=kl_bound(len(seqs)) if sp.reranked else None)
+                       kl_bound=kl_bound(len(seqs)) if sp.reranked else None,
+                       generated_tokens=generated if sp.reranked else None)
 
 
 @dataclass(kw_only=True, eq=False)
