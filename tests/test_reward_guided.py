@@ -140,3 +140,80 @@ def test_bad_prune_and_soft_are_400_naming_the_field(server, rerank, extra, para
             **extra}
     r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+# ----- chunk-level beam search ---------------------------------------------------------------------------
+
+
+def _search_request(core, search, rerank, **kw):
+    from policymix.engine.protocol import SearchSpec
+
+    req = make_request(core, "base", {"weights": {"base": 0.5, "dpo": 0.5}}, "Once upon a time", temperature=1.0,
+                       ignore_eos=True, rerank=rerank, **kw)
+    req.search = SearchSpec(*search)
+    w, k, _ = search
+    req.sampling.best_of = w * k if w * k > 1 else None
+    return req
+
+
+def test_beam_width_one_expand_one_is_sampling(tiny_registry):
+    core = EngineCore(tiny_registry)
+    plain = submit(core, make_request(core, "base", {"weights": {"base": 0.5, "dpo": 0.5}}, "Once upon a time",
+                                      temperature=1.0, ignore_eos=True, max_tokens=10, seed=4))
+    beam = submit(core, _search_request(core, (1, 1, 3), RerankSpec("logprob"), max_tokens=10, seed=4))
+    run_until_done(core, [plain, beam])
+    assert beam.tokens() == plain.tokens() and len(plain.tokens()) == 10
+
+
+def test_beam_search_keeps_the_best_chunks_by_the_scorer(tiny_registry):
+    """Beams of 2 x 3 chunks of 4 tokens: every round keeps the 2 best of 6 by the implicit reward, which
+    equals a from-scratch computation on every branch's tokens; other requests step alongside."""
+    core = EngineCore(tiny_registry)
+    spec = ImplicitRewardSpec("dpo", "base", 0.1)
+    req = _search_request(core, (2, 3, 4), RerankSpec("implicit", implicit=spec), max_tokens=12, seed=7)
+    plan = core.render(req).plan
+    col = submit(core, req)
+    other = submit(core, make_request(core, "dpo", None, "Beside", max_tokens=12, temperature=0.0, ignore_eos=True))
+    steps = 0
+    while col.done is None:
+        core.step()
+        steps += 1
+        if other.done is None:
+            assert len(other.tokens()) == min(steps, 12)  # it streams a token every step meanwhile
+    run_until_done(core, [other])
+    cands = col.done.candidates
+    pruned = [c for c in cands if c.finish_reason == "pruned"]
+    final = [c for c in cands if c.finish_reason != "pruned"]
+    # round 1: 3 branches of the root, 1 pruned; rounds 2 and 3: 2 x 3 branches, 4 pruned each... until 12 tokens
+    assert sorted(len(c.token_ids) for c in pruned) == [4, 8, 8, 8, 8]
+    assert len(final) == 6 and all(len(c.token_ids) == 12 for c in final)
+    for c in cands:
+        assert c.score == pytest.approx(implicit_from_scratch(tiny_registry, plan, spec, c.token_ids), abs=1e-4)
+    best = max(final, key=lambda c: c.score)
+    assert col.done.sequences[0].token_ids == best.token_ids
+    assert "".join(e.text for e in col.events) == best.text  # the final beam is what streams
+    assert col.done.generated_tokens == 3 * 4 + 6 * 4 + 6 * 4
+    assert not any(r.slots for r in core.runners.values())
+
+
+@pytest.mark.parametrize("search, extra, param", [
+    ({"beam_width": 2, "expand": 2, "chunk": 0}, {}, "search.chunk"),
+    ({"beam_width": 4, "expand": 5, "chunk": 2}, {}, "search"),  # 20 > max_best_of (16)
+    ({"beam_width": 2, "expand": 2, "chunk": 2}, {"temperature": 0}, "search"),
+    ({"beam_width": 2, "expand": 2, "chunk": 2}, {"n": 2}, "search"),
+])
+def test_bad_search_is_400_naming_the_field(server, search, extra, param):
+    body = {"model": "base", "prompt": "Hi", "max_tokens": 4, "temperature": 1.0, "search": search, **extra}
+    r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_search_over_http(server):
+    body = {"model": "base", "prompt": "Hi", "temperature": 1.0, "seed": 1, "ignore_eos": True,
+            "search": {"beam_width": 2, "expand": 2, "chunk": 3, "max_tokens": 6,
+                       "scorer": {"implicit": {"policy": "dpo", "reference": "base", "beta": 0.1}}}}
+    r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
+    ext = r["policymix"]
+    assert ext["usage"]["generated_tokens"] == 2 * 3 + 4 * 3 and len(r["choices"]) == 1
+    best = max((c for c in ext["candidates"] if c["finish_reason"] != "pruned"), key=lambda c: c["score"])
+    assert r["choices"][0]["text"] == best["text"]

@@ -72,6 +72,17 @@ class LogprobRerank(_RerankOptions):
 Rerank = Union[Literal["logprob"], RewardModelRerank, ImplicitRerankSpec, LogprobRerank]
 
 
+class SearchRequest(_Part):
+    """Chunk-level beam search (weak-to-strong search): each of ``beam_width`` beams samples ``expand`` chunks
+    of ``chunk`` tokens, the best ``beam_width`` of them by ``scorer`` continue; ``max_tokens`` in all."""
+
+    beam_width: int = Field(ge=1)
+    expand: int = Field(ge=1)
+    chunk: int = Field(ge=1)
+    scorer: Rerank = "logprob"
+    max_tokens: int | None = Field(default=None, ge=1)
+
+
 class _Common(_Request):
     """Fields shared by /v1/completions and /v1/chat/completions (OpenAI + vLLM names + mixing)."""
 
@@ -101,6 +112,7 @@ class _Common(_Request):
     # mixing extension
     mixture: str | dict[str, Any] | None = None  # a named mixture or an inline recipe (compiled by the engine)
     rerank: Rerank | None = None
+    search: SearchRequest | None = None
     return_token_signals: bool | None = False
 
     @field_validator("stop")

@@ -33,6 +33,7 @@ from ..engine.protocol import (
     RequestDone,
     RequestPlan,
     RerankSpec,
+    SearchSpec,
     SamplingParams,
     TokenEvent,
 )
@@ -192,12 +193,17 @@ class Serving:
                  max_tokens: int | None, logprobs: int | None, prefix: str, echo_k: int | None = None) -> Job:
         recipe = self.engine.compile(body.model, body.mixture)
         if key is not None:
-            key.authorize(body.model, body.mixture, recipe, body.rerank)
+            key.authorize(body.model, body.mixture, recipe, body.search.scorer if body.search else body.rerank)
         check_recipe(recipe, self.guarded, self.config.server.guard,
                      allow_inversion=key is not None and key.spec.allow_inversion,
                      who=key.name if key is not None else "anonymous")
-        tokenizer = self.engine.tokenizer(next(iter(recipe.active)))
+        tokenizer = self.engine.tokenizer(recipe.policy_of(next(iter(recipe.active))))
+        search, rerank = _search(body, self.config.server.max_best_of)
+        if search is not None and body.search.max_tokens is not None:
+            max_tokens = body.search.max_tokens
         sampling = self._sampling(body, max_tokens, logprobs, len(tokenizer))
+        if search is not None:
+            sampling.best_of = search.beam_width * search.expand if search.beam_width * search.expand > 1 else None
         wanted = [k for k in (echo_k, body.prompt_logprobs) if k is not None]
         sampling.prompt_logprobs = max(wanted) if wanted else None  # one scoring pass serves both shapes
         if key is not None:
@@ -210,7 +216,7 @@ class Serving:
             req = GenerationRequest(
                 request_id=f"{engine_request_prefix()}{response_id}-{i}", model=body.model, recipe=recipe,
                 prompt=prompt,
-                sampling=sampling if i == 0 else _copy(sampling), rerank=_rerank(body.rerank),
+                sampling=sampling if i == 0 else _copy(sampling), rerank=rerank, search=search,
                 return_token_signals=bool(body.return_token_signals),
                 return_policy_logprobs=bool(body.return_token_signals),
                 arrival_time=now, deadline=now + timeout,
@@ -383,6 +389,25 @@ def _logit_bias(raw: dict[str, float] | None, vocab: int) -> dict[int, float]:
 
 def _copy(s: SamplingParams) -> SamplingParams:
     return replace(s, stop=list(s.stop), stop_token_ids=list(s.stop_token_ids), logit_bias=dict(s.logit_bias))
+
+
+def _search(body: _Common, max_best_of: int) -> tuple[SearchSpec | None, RerankSpec | None]:
+    """The engine's search spec and the scorer that ranks beams (else the request's rerank), checked."""
+    s = body.search
+    if s is None:
+        return None, _rerank(body.rerank)
+    if body.rerank is not None or body.best_of is not None or (body.n or 1) != 1:
+        raise ApiError(400, "search returns one sequence and ranks with search.scorer: drop n, best_of and rerank",
+                       param="search")
+    if body.temperature == 0:
+        raise ApiError(400, "search samples its chunks: it needs temperature > 0", param="search")
+    if s.beam_width * s.expand > max_best_of:
+        raise ApiError(400, f"search.beam_width x search.expand = {s.beam_width * s.expand} is above the server's "
+                       f"maximum {max_best_of}", param="search")
+    scorer = _rerank(s.scorer)
+    if scorer.prune_every is not None or scorer.soft_temperature is not None:
+        raise ApiError(400, "search.scorer takes a scorer only (no prune or soft)", param="search.scorer")
+    return SearchSpec(s.beam_width, s.expand, s.chunk), scorer
 
 
 def _rerank(spec: Any) -> RerankSpec | None:

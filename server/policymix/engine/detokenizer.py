@@ -9,6 +9,8 @@ the beginning of a stop string is held back until it is known not to be one.
 
 from __future__ import annotations
 
+import copy
+
 _CONTEXT_TOKENS = 6
 
 
@@ -29,6 +31,12 @@ class IncrementalDetokenizer:
         self.include_stop = include_stop
         self.stop_reason: str | None = None
         self._max_stop = max((len(s) for s in self.stop), default=0)
+
+    def clone(self) -> "IncrementalDetokenizer":
+        """An independent copy (a beam-search branch continues from here)."""
+        new = copy.copy(self)
+        new.ids = list(self.ids)
+        return new
 
     def _decode(self, ids: list[int]) -> str:
         if self._backend is not None:

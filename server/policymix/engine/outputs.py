@@ -56,6 +56,7 @@ class OutputProcessor:
             state = seq.request
             if state.status == Status.FINISHED:  # a sibling failed just before
                 continue
+            state.generated += 1
             try:
                 ev = TokenEvent(index=seq.index, token_id=out.token, text="", logprob=out.logprob,
                                 top_logprobs=out.top_logprobs)
@@ -65,7 +66,8 @@ class OutputProcessor:
                 self.scheduler.update(seq, out.token)
                 if seq.finished and self.scheduler.done(state):
                     self._close(state)
-                elif state.req.rerank is not None and state.req.rerank.prune_every and state.forked:
+                elif state.forked and (state.req.search is not None or (
+                        state.req.rerank is not None and state.req.rerank.prune_every)):
                     pruning[state] = None
             except Exception as err:  # noqa: BLE001 - e.g. a detokenizer error: only this request fails
                 log.exception("post-processing failed for request %s", state.req.request_id)
@@ -73,7 +75,7 @@ class OutputProcessor:
         for state in pruning:
             if state.status == Status.RUNNING:
                 try:
-                    self._prune(state)
+                    self._search_round(state) if state.req.search is not None else self._prune(state)
                 except Exception as err:  # noqa: BLE001 - e.g. the reward model failed: this request only
                     log.exception("pruning failed for request %s", state.req.request_id)
                     self.scheduler.fail(state, *failure_of(err, "pruning"))
@@ -98,6 +100,22 @@ class OutputProcessor:
         if self.scheduler.done(state):
             self._close(state)
 
+    def _search_round(self, state: RequestState) -> None:
+        """Chunk-level beam search: when the running branches have sampled a chunk, score them on their text so
+        far; the best ``beam_width`` continue, each as ``expand`` branches; the rest stop ("pruned")."""
+        search, sp = state.req.search, state.sampling
+        live = [s for s in state.sequences if not s.finished]
+        if not live or len(live[0].output_ids) % search.chunk or len(live[0].output_ids) >= sp.max_tokens:
+            return
+        scores = self._scores(state, live)
+        order = sorted(range(len(live)), key=lambda i: -scores[i])
+        for i in order[search.beam_width:]:
+            live[i].finish_reason = "pruned"
+            self.scheduler.update(live[i], -1)
+        for i in order[: search.beam_width]:
+            for _ in range(search.expand - 1):
+                self.scheduler.branch(live[i])
+
     def _scores(self, state: RequestState, seqs: list[Sequence]) -> list[float]:
         rr = state.req.rerank
         if rr is not None and rr.kind == "reward_model":  # partial texts: scored here, on the step thread
@@ -119,7 +137,7 @@ class OutputProcessor:
         rr = state.req.rerank
         if not (state.sampling.reranked and rr is not None and rr.kind == "reward_model"):
             scores = rerank_scores(state.sequences, rr) if state.sampling.reranked else None
-            state.emit(finish_request(state.sequences, state.plan, scores, state.emit))
+            state.emit(finish_request(state.sequences, state.plan, scores, state.emit, state.generated))
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="policymix-rerank")
@@ -131,7 +149,7 @@ class OutputProcessor:
             rm = self.registry.policies[state.req.rerank.reward_model]
             with torch.inference_mode():
                 scores = reward_model_scores(rm, state.req.prompt, [s.detok.text for s in state.sequences])
-            done = finish_request(state.sequences, state.plan, scores, state.emit)
+            done = finish_request(state.sequences, state.plan, scores, state.emit, state.generated)
         except Exception as err:  # noqa: BLE001 - this request fails, the engine goes on
             log.exception("reward-model scoring failed for request %s", state.req.request_id)
             done = state.plan.failure(*failure_of(err, "reward-model scoring"))

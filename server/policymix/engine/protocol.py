@@ -63,6 +63,16 @@ class RerankSpec:
 
 
 @dataclass
+class SearchSpec:
+    """Chunk-level beam search: each of ``beam_width`` beams samples ``expand`` chunks of ``chunk`` tokens;
+    the best ``beam_width`` of them by the request's rerank scorer continue."""
+
+    beam_width: int
+    expand: int
+    chunk: int
+
+
+@dataclass
 class GenerationRequest:
     request_id: str
     model: str  # the served name the client asked for (echoed, metrics label)
@@ -76,6 +86,7 @@ class GenerationRequest:
     arrival_time: float = 0.0
     deadline: float | None = None  # monotonic time after which a still-queued request is dropped
     max_tokens_cap: int | None = None  # caps an unset max_tokens (an API key's limit)
+    search: SearchSpec | None = None  # chunk-level beam search (sampling.best_of = beam_width * expand)
 
     @property
     def needs_logprob(self) -> bool:

@@ -159,13 +159,29 @@ class Scheduler:
         state.forked = True
         leader = state.sequences[0]
         siblings = []
-        for i in range(1, state.best_of):
+        search = state.req.search
+        for i in range(1, search.expand if search is not None else state.best_of):
             sib = self._new_sequence(state, i)
             for stream, src in leader.lanes.items():
                 lane = sib.lanes[stream] = Lane(sib, stream)
                 self.runners[state.plan.policy_of(stream)].fork(src, lane)
             siblings.append(sib)
         return siblings
+
+    def branch(self, seq: Sequence) -> Sequence:
+        """A new sequence that continues from ``seq`` as it is now (beam search): its tokens, text, signal
+        sums and buffered events copied, its caches forked; it samples with a generator of its own."""
+        state = seq.request
+        child = self._new_sequence(state, len(state.sequences))
+        child.detok = seq.detok.clone()
+        child.output_ids = list(seq.output_ids)
+        child.cum_logprob, child.kl_sum, child.reward_sum = seq.cum_logprob, seq.kl_sum, seq.reward_sum
+        child.policy_logprob_sums = dict(seq.policy_logprob_sums)
+        child.events = list(seq.events)
+        for stream, src in seq.lanes.items():
+            lane = child.lanes[stream] = Lane(child, stream, list(src.feed))
+            self.runners[state.plan.policy_of(stream)].fork(src, lane)
+        return child
 
     # ----- after a step ----------------------------------------------------------------------
 
@@ -181,8 +197,9 @@ class Scheduler:
                 lane.feed.append(token)
 
     def done(self, state: RequestState) -> bool:
-        """Every candidate of the request has finished."""
-        return state.live == 0 and len(state.sequences) == state.best_of
+        """Every candidate of the request has finished (its siblings were created: they fork after the
+        leader's first step)."""
+        return state.live == 0 and (state.forked or len(state.sequences) >= state.best_of)
 
     def release(self, state: RequestState) -> None:
         """Free every cache slot and reservation of a request at once."""

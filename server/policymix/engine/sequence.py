@@ -83,7 +83,7 @@ def rerank_scores(seqs: list[SequenceOutput], rerank: RerankSpec | None) -> list
 
 
 def finish_request(seqs: list[SequenceOutput], plan: RequestPlan, scores: list[float] | None,
-                   emit: Callable[[Any], None]) -> RequestDone:
+                   emit: Callable[[Any], None], generated: int | None = None) -> RequestDone:
     """Emit best-of candidates' buffered events in rank order (``scores``: one per sequence, when
     reranked; a pruned candidate's is its score where it stopped, and it is never returned); return the
     closing RequestDone. ``rerank.soft`` draws the returned ones ~ exp(score / temperature) instead."""
@@ -113,7 +113,8 @@ def finish_request(seqs: list[SequenceOutput], plan: RequestPlan, scores: list[f
                               stop_reason=s.stop_reason, kl_to_reference=s.kl_sum if signals else None,
                               implicit_reward=s.reward_sum if signals else None)
                for i, s in enumerate(chosen)]
-    generated = sum(len(s.output_ids) for s in seqs)
+    if generated is None:  # (beam branches share their parents' tokens: the engine counts them itself)
+        generated = sum(len(s.output_ids) for s in seqs)
     return RequestDone(prompt_tokens=plan.prompt_len, completion_tokens=generated,
                        sequences=results, weights=dict(plan.request.recipe.weights), candidates=candidates,
                        kl_bound=kl_bound(len(seqs)) if sp.reranked else None,
@@ -160,6 +161,7 @@ class RequestState:
     live: int = 0  # sequences not yet finished
     prompt_mix: Any = None  # scored prefill: this step's mixed logits of the positions scored [n, V]
     prompt_entries: list = field(default_factory=list)  # scored prefill: the prompt's logprobs so far
+    generated: int = 0  # tokens sampled for the request (every candidate, pruned and beam branches included)
 
     @property
     def req(self) -> GenerationRequest:

@@ -190,6 +190,9 @@ class VllmEngine(RegistryEngineClient):
         for name in request.recipe.active:
             if name in self.unservable:
                 raise PolicymixError(self.unservable[name], param="mixture" if request.recipe.form != "single" else "model")
+        if request.search is not None:
+            raise PolicymixError("search is not available on --engine vllm (a beam branches mid-sequence); use "
+                                 "--engine native", param="search")
         if request.rerank is not None and request.rerank.prune_every is not None:
             raise PolicymixError("rerank.prune is not available on --engine vllm (candidates are separate vLLM "
                                  "requests scored at the end); use --engine native", param="rerank.prune")
