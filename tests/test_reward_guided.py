@@ -217,3 +217,28 @@ def test_search_over_http(server):
     assert ext["usage"]["generated_tokens"] == 2 * 3 + 4 * 3 and len(r["choices"]) == 1
     best = max((c for c in ext["candidates"] if c["finish_reason"] != "pruned"), key=lambda c: c["score"])
     assert r["choices"][0]["text"] == best["text"]
+
+
+def test_search_and_prune_obey_key_scopes_and_limits(tiny_registry, tiny_config):
+    from policymix.api import build_app
+    from policymix.api.auth import hash_key
+    from policymix.config import ApiKeySpec
+    from policymix.engine.native import NativeEngine
+
+    cfg = tiny_config.model_copy(deep=True)
+    cfg.server.api_keys = [ApiKeySpec(key_sha256=hash_key("k"), name="scoped", policies=["base", "dpo"],
+                                      max_best_of=4)]
+    implicit = {"implicit": {"policy": "dpo", "reference": "safe", "beta": 0.1}}  # safe is out of scope
+    with LiveServer(build_app(NativeEngine(tiny_registry), cfg, env={})) as srv:
+        def post(extra):
+            body = {"model": "base", "prompt": "Hi", "max_tokens": 4, "temperature": 1.0, **extra}
+            return httpx.post(f"{srv.url}/v1/completions", json=body, headers={"Authorization": "Bearer k"},
+                              timeout=60)
+
+        r = post({"search": {"beam_width": 2, "expand": 2, "chunk": 2, "scorer": implicit}})
+        assert r.status_code == 403 and "safe" in r.json()["error"]["message"]
+        r = post({"best_of": 4, "rerank": {**implicit, "prune": {"every": 2, "keep": 0.5}}})
+        assert r.status_code == 403 and "safe" in r.json()["error"]["message"]
+        r = post({"search": {"beam_width": 2, "expand": 3, "chunk": 2}})  # 6 candidates > the key's 4
+        assert r.status_code == 403 and r.json()["error"]["param"] == "best_of"
+        assert post({"search": {"beam_width": 2, "expand": 2, "chunk": 2}}).status_code == 200
