@@ -1,6 +1,6 @@
 """The native engine's scheduler: who waits, who runs, and the cache slots they hold.
 
-It alone changes a request's status. Admission takes waiting requests in order while they fit the
+It admits, forks, branches and frees; the output processor tells it when a sequence ends. Admission takes waiting requests in order while they fit the
 sequence limit (``max_num_seqs``) and every policy's KV budget; a request that waited past its
 deadline fails instead. A request of ``best_of`` candidates is admitted as its leader, which runs
 the shared prefill; :meth:`fork` then copies the leader's cache to the siblings.
