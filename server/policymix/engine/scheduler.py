@@ -1,9 +1,10 @@
 """The native engine's scheduler: who waits, who runs, and the cache slots they hold.
 
-It admits, forks, branches and frees; the output processor tells it when a sequence ends. Admission takes waiting requests in order while they fit the
-sequence limit (``max_num_seqs``) and every policy's KV budget; a request that waited past its
-deadline fails instead. A request of ``best_of`` candidates is admitted as its leader, which runs
-the shared prefill; :meth:`fork` then copies the leader's cache to the siblings.
+It admits, forks, branches and frees; the output processor tells it when a sequence ends.
+Admission takes waiting requests in order while they fit the sequence limit (``max_num_seqs``) and
+every policy's KV budget; a request that waited past its deadline fails instead. A request of
+``best_of`` candidates is admitted as its leader, which runs the shared prefill; :meth:`fork` then
+copies the leader's cache to the siblings, and :meth:`branch` continues a beam from any sequence.
 """
 
 from __future__ import annotations
