@@ -8,7 +8,7 @@ pair is the prompted ``concise`` style against ``smollm2``; with the DPO demo po
 (``make demo-policies``) pass ``--tuned dpo-concise``. Each method samples from ``smollm2`` (temperature
 1, ``--tokens`` new tokens) for every prompt and seed; reported per method: the mean reward of the
 returned text and the mean number of generated tokens (every candidate's, pruned ones and beam
-branches included). Writes ``OUT.csv``, ``OUT.png`` and ``OUT.md`` (with the command).
+branches included). Writes ``OUT.csv``, ``OUT.png``, and ``OUT.md`` / ``OUT.json`` (with the command).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.report import machine_info, markdown_table
+from benchmarks.report import machine_info, markdown_table, write_report
 from policymix.engine.core import EngineCore
 from policymix.engine.protocol import (GenerationRequest, ImplicitRewardSpec, Prompt, RequestDone, RerankSpec,
                                        SamplingParams, SearchSpec)
@@ -153,11 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     meta = {**machine_info(), "threads": args.threads, "wall_s": round(time.perf_counter() - start, 1),
             "command": "OMP_NUM_THREADS=1 python -m benchmarks.search_tradeoff " + shlex.join(
                 sys.argv[1:] if argv is None else argv)}
-    md = ["# Reward against compute (search trade-off)", ""] + [f"- {k}: {v}" for k, v in meta.items()] + [
-        "", markdown_table(table, [("method", "method"), ("mean_reward", "mean reward"),
-                                   ("mean_generated_tokens", "generated tokens"), ("n", "requests")]), ""]
-    out.with_suffix(".md").write_text("\n".join(md))
-    print("\n".join(md))
+    md, _ = write_report(out, "Reward against compute (search trade-off)", meta, markdown_table(
+        table, [("method", "method"), ("mean_reward", "mean reward"), ("mean_generated_tokens", "generated tokens"),
+                ("n", "requests")]), {"rows": table})
+    print(md.read_text())
     return 0
 
 

@@ -11,6 +11,7 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -43,11 +44,12 @@ class PolicyLogits:
 
     logits: torch.Tensor  # [B_p, V] float32
     slots: list[Lane]
-    slot_of: dict[tuple[int, str], int] = field(init=False)  # (seq_id, stream) -> row
     _logprobs: torch.Tensor | None = field(default=None, init=False)
 
-    def __post_init__(self):
-        self.slot_of = {(lane.seq.seq_id, lane.stream): i for i, lane in enumerate(self.slots)}
+    @cached_property
+    def slot_of(self) -> dict[tuple[int, str], int]:
+        """(seq_id, stream) -> row; built only when a request asks for per-policy logprobs."""
+        return {(lane.seq.seq_id, lane.stream): i for i, lane in enumerate(self.slots)}
 
     def logprobs(self, seq: Sequence, stream: str) -> torch.Tensor:
         """log_softmax of ``seq``'s logits in context ``stream`` [V] (a sibling's first step reads its
@@ -145,7 +147,7 @@ class EngineCore:
             self.outputs.wait(0.005)  # only reward-model scoring left: let it finish without spinning
             return []
         self.steps += 1
-        prompt_scoring.plan_chunks(list(self.scheduler.running))
+        prompt_scoring.plan_chunks(self.scheduler.running)
         logits = self._forward()
         outputs: list[StepOutput] = []
         for states in self._by_family().values():

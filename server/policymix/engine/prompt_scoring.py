@@ -13,6 +13,8 @@ chunk per step rather than by its whole prefill; alone, it runs in one forward.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from .protocol import PromptEvent, PromptLogprob
@@ -21,7 +23,7 @@ from .sequence import Lane, RequestState
 CHUNK_TOKENS = 16  # a scored prefill's tokens per step while other sequences decode (CPU: about a decode step's cost)
 
 
-def plan_chunks(states: list[RequestState]) -> None:
+def plan_chunks(states: Iterable[RequestState]) -> None:
     """Set this step's ``chunk_end`` (tokens left unfed at the end of every policy's context) of each
     scored prefill: the whole rest when nothing else decodes, else ``CHUNK_TOKENS`` more."""
     scored = [st.sequences[0] for st in states if st.sequences and st.sequences[0].score_prompt]

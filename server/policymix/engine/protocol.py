@@ -8,6 +8,7 @@ from __future__ import annotations
 import abc
 import enum
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, AsyncIterator, Literal
 
 from ..mixing.recipes import CompiledRecipe
@@ -226,12 +227,12 @@ class RequestPlan:
         a key must allow."""
         return list(dict.fromkeys([*(self.policy_of(s) for s in self.weights), *self.scorers]))
 
-    @property
+    @cached_property  # read every step; a plan does not change
     def leader(self) -> str:
         """The stream whose rendering detokenizes the output: the recipe's first policy that is not a variant."""
         return next((s for s in self.weights if s not in self.runner_of), next(iter(self.weights)))
 
-    @property
+    @cached_property  # read every step; a plan does not change
     def prompt_len(self) -> int:
         return max(len(p) for p in self.prompts.values())
 
@@ -245,7 +246,7 @@ class RequestPlan:
         return sum(self.candidates * (len(prompt) + self.sampling.max_tokens)
                    for stream, prompt in self.prompts.items() if self.policy_of(stream) == policy)
 
-    @property
+    @cached_property  # read every step; a plan does not change
     def runners(self) -> list[str]:
         """The policies whose forwards the request runs (each stream's)."""
         return list(dict.fromkeys(self.policy_of(s) for s in self.prompts))

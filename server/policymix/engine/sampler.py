@@ -43,8 +43,9 @@ def sample_rows(mixed: torch.Tensor, rows: list[RowSampling]) -> list[int]:
     temperature and top-k / top-p / min-p as batched tensor ops) and each draws its uniform from its own
     generator, so a seeded row gives the same token whatever else is in the batch."""
     tokens = [0] * len(rows)
-    plain = [i for i, r in enumerate(rows) if r.plain]
-    rest = [i for i, r in enumerate(rows) if not r.plain]
+    is_plain = [r.plain for r in rows]
+    plain = [i for i, p in enumerate(is_plain) if p]
+    rest = [i for i, p in enumerate(is_plain) if not p]
     if plain:
         idx = [rows[i].row for i in plain]
         x = mixed if idx == list(range(mixed.shape[0])) else mixed.index_select(0, _long(idx, mixed.device))

@@ -91,9 +91,10 @@ def finish_request(seqs: list[SequenceOutput], plan: RequestPlan, scores: list[f
     chosen, candidates = seqs[: sp.n], None
     if sp.reranked:
         eligible = [i for i, s in enumerate(seqs) if s.finish_reason != "pruned"]
-        probs = [0.0] * len(seqs)
+        probs: list[float | None] = [None] * len(seqs)
         if rr is not None and rr.soft_temperature is not None:
             p = soft_probabilities([scores[i] for i in eligible], rr.soft_temperature)
+            probs = [0.0] * len(seqs)  # pruned candidates are never drawn
             for i, q in zip(eligible, p):
                 probs[i] = q
             seed = plan.seed(plan.candidates)  # a stream no candidate samples from
@@ -101,8 +102,7 @@ def finish_request(seqs: list[SequenceOutput], plan: RequestPlan, scores: list[f
             order = [eligible[k] for k in soft_choose(p, sp.n, rng)]
         else:
             order = sorted(eligible, key=lambda i: -scores[i])[: sp.n]
-        soft = rr is not None and rr.soft_temperature is not None
-        candidates = [Candidate(s.detok.text, list(s.output_ids), sc, s.finish_reason, probs[i] if soft else None)
+        candidates = [Candidate(s.detok.text, list(s.output_ids), sc, s.finish_reason, probs[i])
                       for i, (s, sc) in enumerate(zip(seqs, scores))]
         chosen = [seqs[i] for i in order]
         for new_index, s in enumerate(chosen):
@@ -183,10 +183,6 @@ class RequestState:
     @property
     def best_of(self) -> int:
         return self.plan.candidates
-
-    @property
-    def prompt_len(self) -> int:
-        return self.plan.prompt_len
 
     def reserved_tokens(self, policy: str) -> int:
         return self.plan.reserved_tokens(policy)
