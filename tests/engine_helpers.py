@@ -16,7 +16,8 @@ def make_request(engine_core, model="base", mixture=None, prompt="Hello world", 
 
     reg = engine_core.registry
     recipe = compile_recipe(mixture, model, reg.infos(), reg.config.mixtures)
-    extra = {k: sampling.pop(k) for k in ("rerank", "return_token_signals", "signals", "return_policy_logprobs")
+    extra = {k: sampling.pop(k) for k in ("rerank", "return_token_signals", "signals", "return_policy_logprobs",
+                                          "speculative")
              if k in sampling}
     if isinstance(prompt, str):
         p = Prompt(text=prompt)
@@ -66,13 +67,14 @@ def run_until_done(core, cols, max_steps=10_000):
 
 @torch.inference_mode()
 def oracle_mixed_logprobs(registry, weights: dict[str, float], prompts: dict[str, list[int]],
-                          output: list[int]) -> torch.Tensor:
-    """log_softmax(sum_k w_k log_softmax(l_k)) by a full forward of each policy, no cache."""
+                          output: list[int], policy_of=lambda stream: stream) -> torch.Tensor:
+    """log_softmax(sum_k w_k log_softmax(l_k)) by a full forward of each policy (``policy_of`` a prompt
+    variant's stream), no cache."""
     total = None
     for name, w in weights.items():
         if w == 0:
             continue
-        pol = registry.policies[name]
+        pol = registry.policies[policy_of(name)]
         ids = torch.tensor([prompts[name] + output])
         logits = pol.model(input_ids=ids).logits[0, -1, : pol.vocab_size].float()
         term = w * torch.log_softmax(logits, -1)

@@ -70,7 +70,7 @@ def test_random_recipes_joining_a_busy_engine_equal_the_oracle(tiny_registry):
         check_against_oracle(tiny_registry, plan, col.prompt, 5)
         assert len(col.tokens()) == plan.sampling.max_tokens
     assert all(c.done.error is None for c in busy)
-    assert not any(r.slots for r in core.runners.values()) and not any(r.prompt_logits for r in core.runners.values())
+    assert not any(r.slots for r in core.runners.values()) and not any(r.position_logits for r in core.runners.values())
 
 
 def test_a_long_scored_prompt_is_chunked_beside_streams_and_stays_exact(tiny_registry):

@@ -220,6 +220,8 @@ def _load_config(path: str | None):
 def make_engine(kind: str, config) -> Any:
     """Load every policy (blocking, with progress) into the chosen engine."""
     if kind == "vllm":
+        if config.server.speculative is not None:
+            raise CliError("server.speculative: speculative decoding of mixtures runs on --engine native only")
         try:
             from .engine.vllm import VllmEngine
         except ImportError as err:

@@ -137,6 +137,14 @@ class GuardSpec(_Strict):
     max_beta: float = Field(default=100.0, gt=0)
 
 
+class SpeculativeConfig(_Strict):
+    """The default of requests that set no ``speculative`` field (docs/api.md, speculative decoding)."""
+
+    draft: str  # a served policy of the mixture's tokenizer family, or "ngram" (prompt lookup)
+    num_tokens: int = Field(default=4, ge=1, le=16)  # drafted per round
+    max_concurrency: int = Field(default=8, ge=1)  # above this many running sequences, no drafting
+
+
 class ServerSpec(_Strict):
     host: str | None = None  # flags and POLICYMIX_* variables override these three
     port: int | None = Field(default=None, ge=0, le=65535)
@@ -158,6 +166,10 @@ class ServerSpec(_Strict):
     cpu_linear: Literal["onednn", "torch"] = "onednn"
     guard: GuardSpec = Field(default_factory=GuardSpec)
     log_prompts: bool = False
+    speculative: SpeculativeConfig | None = None
+    # the forwards of one step's policies at the same time, one thread each (CPU: one intra-op thread per
+    # forward on its own core); auto: on CPU when there are cores for it (engine/parallel.py)
+    policy_parallel: Literal["auto", "on", "off"] = "auto"
 
 
 class Config(_Strict):
@@ -175,6 +187,9 @@ class Config(_Strict):
                 raise ValueError(f"policies.{name}.reference: unknown policy {spec.reference!r}")
             if spec.protected and spec.reference is None:
                 raise ValueError(f"policies.{name}: a protected policy needs a reference")
+        spec = self.server.speculative
+        if spec is not None and spec.draft != "ngram" and spec.draft not in self.policies:
+            raise ValueError(f"server.speculative.draft: unknown policy {spec.draft!r} (a policy name or 'ngram')")
         for name in self.mixtures:
             if name in self.policies:
                 raise ValueError(f"mixtures.{name}: a policy already has this name")

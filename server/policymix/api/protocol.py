@@ -83,6 +83,14 @@ class SearchRequest(_Part):
     max_tokens: int | None = Field(default=None, ge=1)
 
 
+class SpeculativeRequest(_Part):
+    """Speculative decoding of the mixture: ``draft`` (a policy of the same tokenizer family, or "ngram") drafts
+    ``num_tokens`` tokens a round, verified in one forward per policy; the tokens are still drawn from q."""
+
+    draft: str
+    num_tokens: int = Field(default=4, ge=1, le=16)
+
+
 class _Common(_Request):
     """Fields shared by /v1/completions and /v1/chat/completions (OpenAI + vLLM names + mixing)."""
 
@@ -113,6 +121,7 @@ class _Common(_Request):
     mixture: str | dict[str, Any] | None = None  # a named mixture or an inline recipe (compiled by the engine)
     rerank: Rerank | None = None
     search: SearchRequest | None = None
+    speculative: SpeculativeRequest | None = None  # unset: the server's default; null: off
     return_token_signals: bool | None = False
 
     @field_validator("stop")
@@ -230,6 +239,7 @@ class ChoiceExtension(BaseModel):
     kl_to_reference: float | None = None
     implicit_reward: float | None = None
     token_signals: list[TokenSignal] | None = None
+    speculative: dict[str, Any] | None = None  # {"draft", "drafted", "accepted"}
 
 
 class PolicymixExtension(ChoiceExtension):

@@ -34,6 +34,7 @@ from ..engine.protocol import (
     RequestPlan,
     RerankSpec,
     SearchSpec,
+    SpeculativeSpec,
     SamplingParams,
     TokenEvent,
 )
@@ -208,6 +209,7 @@ class Serving:
         sampling.prompt_logprobs = max(wanted) if wanted else None  # one scoring pass serves both shapes
         if key is not None:
             key.check_limits(max_tokens, max(sampling.n, sampling.best_of or 1))
+        speculative = _speculative(body, self.config.server.speculative, search, rerank)
         response_id = f"{prefix}-{uuid.uuid4().hex}"
         now = time.monotonic()
         timeout = self.config.server.request_timeout_s
@@ -219,7 +221,7 @@ class Serving:
                 sampling=sampling if i == 0 else _copy(sampling), rerank=rerank, search=search,
                 return_token_signals=bool(body.return_token_signals),
                 return_policy_logprobs=bool(body.return_token_signals),
-                arrival_time=now, deadline=now + timeout,
+                speculative=speculative, arrival_time=now, deadline=now + timeout,
                 max_tokens_cap=key.spec.max_tokens if key is not None else None,
             )
             plan = self.engine.plan(req)  # bad input, a prompt past the context: raised here, naming the field
@@ -389,6 +391,26 @@ def _logit_bias(raw: dict[str, float] | None, vocab: int) -> dict[int, float]:
 
 def _copy(s: SamplingParams) -> SamplingParams:
     return replace(s, stop=list(s.stop), stop_token_ids=list(s.stop_token_ids), logit_bias=dict(s.logit_bias))
+
+
+def _speculative(body: _Common, default, search: SearchSpec | None, rerank: RerankSpec | None) -> SpeculativeSpec | None:
+    """The request's own ``speculative`` (null: off), else the server's default; an explicit request that
+    cannot speculate (search, pruning: their candidates move in lockstep) is a 400, a default just stays off."""
+    if "speculative" in body.model_fields_set:
+        if body.speculative is None:
+            return None
+        spec = SpeculativeSpec(body.speculative.draft, body.speculative.num_tokens)
+        explicit = True
+    elif default is not None:
+        spec, explicit = SpeculativeSpec(default.draft, default.num_tokens), False
+    else:
+        return None
+    if search is not None or (rerank is not None and rerank.prune_every is not None):
+        if explicit:
+            raise ApiError(400, "speculative cannot be combined with search or rerank.prune (their candidates are "
+                                "scored in lockstep)", param="speculative")
+        return None
+    return spec
 
 
 def _search(body: _Common, max_best_of: int) -> tuple[SearchSpec | None, RerankSpec | None]:

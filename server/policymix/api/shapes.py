@@ -100,7 +100,7 @@ def choice_extensions(job: "Job", acc: Accumulator, texts: TokenTexts) -> dict[i
             idx = acc.choice(i, s.index)
             out[idx] = ChoiceExtension(
                 kl_to_reference=num(s.kl_to_reference), implicit_reward=num(s.implicit_reward),
-                token_signals=_signals(acc.events[idx], texts) if signals else None)
+                token_signals=_signals(acc.events[idx], texts) if signals else None, speculative=s.speculative)
     return out
 
 
@@ -120,7 +120,7 @@ def extension(job: "Job", acc: Accumulator, per_choice: dict[int, ChoiceExtensio
         weights=dict(first.weights or job.recipe.weights), mixture=job.recipe.mixture_name,
         variants={n: v.describe() for n, v in job.recipe.variants.items()} or None,
         candidates=candidates, kl_bound=num(first.kl_bound), kl_to_reference=head.kl_to_reference,
-        implicit_reward=head.implicit_reward, token_signals=head.token_signals,
+        implicit_reward=head.implicit_reward, token_signals=head.token_signals, speculative=head.speculative,
         usage={"generated_tokens": sum(generated)} if generated else None,
     )
 

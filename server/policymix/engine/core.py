@@ -8,8 +8,10 @@ events) each live in their own module; this one turns the policies' logits into 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -22,9 +24,10 @@ from .plan import make_plan
 from . import prompt_scoring
 from .protocol import ErrorKind, GenerationRequest
 from .runner import PolicyRunner
-from .sampler import RowSampling, sample_rows
+from .sampler import RowSampling, apply_penalties, filtered_logits, sample_rows
 from .scheduler import Scheduler, failure_of
 from .sequence import Lane, RequestState, Sequence, Status
+from .speculative import DEFAULT_MAX_CONCURRENCY, Draft, Speculator, accept, drafter_key
 
 log = logging.getLogger("policymix.engine")
 
@@ -44,6 +47,7 @@ class PolicyLogits:
 
     logits: torch.Tensor  # [B_p, V] float32
     slots: list[Lane]
+    positions: dict[Lane, torch.Tensor] = field(default_factory=dict)  # verifying lanes: [k + 1, V] logits
     _logprobs: torch.Tensor | None = field(default=None, init=False)
 
     @cached_property
@@ -74,10 +78,17 @@ class EngineCore:
             pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
             self.runners[name] = PolicyRunner(name, p.model, p.vocab_size, pad, p.device, p.dtype,
                                               decode=_decode_mode(srv.decode, p.device), cpu_linear=srv.cpu_linear)
+        # speculative decoding: each policy can draft, on a cache of its own that starts small
+        self.drafters = {name: PolicyRunner(drafter_key(name), r.model, r.vocab_size, r.pad_id, r.device, r.dtype,
+                                            cpu_linear=srv.cpu_linear, slots=1, capacity=16)
+                         for name, r in self.runners.items()}
+        spec = srv.speculative
+        self.speculator = Speculator(self.drafters, spec.max_concurrency if spec else DEFAULT_MAX_CONCURRENCY)
         kv_budget = {n: srv.kv_budget_tokens or srv.max_num_seqs * registry.max_model_len(p.family)
                      for n, p in registry.policies.items()}
-        self.scheduler = Scheduler(self.runners, kv_budget, srv.max_num_seqs, srv.max_queue,
-                                   lambda name: registry.policies[name].tokenizer)
+        self.scheduler = Scheduler({**self.runners, **{r.name: r for r in self.drafters.values()}}, kv_budget,
+                                   srv.max_num_seqs, srv.max_queue, lambda name: registry.policies[name].tokenizer)
+        self.parallel = _parallel_forwards(srv.policy_parallel, self.runners)
         self.outputs = OutputProcessor(registry, self.scheduler)
         self.timers: dict[str, float] = defaultdict(float)  # cumulative seconds per phase
         self.steps = 0
@@ -148,11 +159,12 @@ class EngineCore:
             return []
         self.steps += 1
         prompt_scoring.plan_chunks(self.scheduler.running)
+        drafts = self._draft()
         logits = self._forward()
         outputs: list[StepOutput] = []
         for states in self._by_family().values():
             try:
-                outputs += self._mix_and_sample(states, logits)
+                outputs += self._mix_and_sample(states, logits, drafts)
             except Exception as err:  # noqa: BLE001 - a bug or OOM while mixing fails these requests, not the loop
                 log.exception("mixing failed")
                 for state in states:
@@ -162,25 +174,45 @@ class EngineCore:
         self.timers["detok"] += time.perf_counter() - t
         return outputs
 
+    def _draft(self) -> dict[Sequence, Draft]:
+        """Speculative decoding: this step's drafts (the draft policies' steps run here), lanes marked to verify."""
+        t = time.perf_counter()
+        try:
+            drafts = self.speculator.propose(list(self.scheduler.running))
+        except Exception as err:  # noqa: BLE001 - drafting failed: its requests fail, the engine goes on
+            log.exception("drafting failed")
+            for state in [s for s in self.scheduler.running if s.plan.speculative is not None]:
+                self.scheduler.fail(state, *failure_of(err, "drafting"))
+            return {}
+        self.speculator.rounds += bool(drafts)
+        self.timers["draft"] += time.perf_counter() - t
+        return drafts
+
     def _forward(self) -> dict[str, PolicyLogits]:
-        """Every policy that has sequences, once, over exactly those sequences."""
+        """Every policy that has sequences, once, over exactly those sequences (at the same time, one thread
+        each, when ``server.policy_parallel`` allows: the forwards are independent)."""
+        active = [(name, runner) for name, runner in self.runners.items() if runner.slots]
+        if self.parallel is not None and len(active) > 1:
+            results = list(self.parallel.map(_timed_forward, [runner for _, runner in active]))
+        else:
+            results = [_timed_forward(runner) for _, runner in active]
         logits: dict[str, PolicyLogits] = {}
-        for name, runner in self.runners.items():
-            if not runner.slots:
-                continue
-            t = time.perf_counter()
-            try:
-                lp = runner.forward()  # [B_p, V] logits
-            except Exception as err:  # noqa: BLE001 - fail the requests in this batch, keep serving
-                log.exception("forward of policy %s failed", name)
+        for (name, runner), (lp, err, seconds) in zip(active, results):
+            self.timers[f"forward:{name}"] += seconds
+            if err is not None:  # fail the requests in this batch, keep serving
+                log.error("forward of policy %s failed", name, exc_info=err)
+                runner.position_logits.clear()
                 for state in dict.fromkeys(lane.seq.request for lane in runner.slots):
                     self.scheduler.fail(state, *failure_of(err, f"in the forward of policy {name}"))
                 continue
-            logits[name] = PolicyLogits(lp, list(runner.slots))
-            for lane, full in runner.prompt_logits.items():  # scored prefills: into one mixed buffer each
-                prompt_scoring.fold(lane, full)
-            runner.prompt_logits.clear()
-            self.timers[f"forward:{name}"] += time.perf_counter() - t
+            positions = {}
+            for lane, full in runner.position_logits.items():
+                if lane.seq.score_prompt:  # scored prefills: into one mixed buffer each
+                    prompt_scoring.fold(lane, full)
+                else:  # a verification: read by _verify
+                    positions[lane] = full
+            runner.position_logits.clear()
+            logits[name] = PolicyLogits(lp, list(runner.slots), positions)
         return logits
 
     @staticmethod
@@ -232,8 +264,8 @@ class EngineCore:
             groups[state.req.recipe.family].append(state)
         return groups
 
-    def _mix_and_sample(self, states: list[RequestState], logits: dict[str, PolicyLogits]) -> list[StepOutput]:
-        t = time.perf_counter()
+    def _mix_and_sample(self, states: list[RequestState], logits: dict[str, PolicyLogits],
+                        drafts: dict[Sequence, Draft]) -> list[StepOutput]:
         for st in states:
             leader = st.sequences[0]
             if leader.score_prompt:  # a chunk of its scored prefill ran: its positions, the event at the end
@@ -242,9 +274,18 @@ class EngineCore:
                     st.emit(event)
                     if st.sampling.max_tokens == 0:  # scoring only: done, no token and no decoding slot
                         self.outputs.finish_unsampled(leader)
-        seqs = [s for st in states for s in st.sequences if not s.finished and not s.score_prompt]
-        if not seqs:
-            return []
+        seqs = [s for st in states for s in st.sequences if not s.finished and not s.score_prompt and s not in drafts]
+        verifying = [s for st in states for s in st.sequences if s in drafts and not s.finished]
+        outputs = self._sample(states, seqs, logits) if seqs else []
+        if verifying:
+            t = time.perf_counter()
+            outputs += self._verify(verifying, drafts, logits)
+            self.timers["verify"] += time.perf_counter() - t
+        return outputs
+
+    def _sample(self, states: list[RequestState], seqs: list[Sequence], logits: dict[str, PolicyLogits]) -> list[StepOutput]:
+        """One token per sequence from this step's last-position logits (and siblings forked after a prefill)."""
+        t = time.perf_counter()
         policies = {p for st in states for p in st.plan.runners if p in logits}
         # rows follow the slot order of the largest policy batch, so that its logits (and those of every
         # policy whose slots hold the same sequences, as in one-recipe traffic) need no gather
@@ -283,41 +324,116 @@ class EngineCore:
             return []
         self.timers["sample"] += time.perf_counter() - t
         t = time.perf_counter()
-        outputs = self._outputs(seqs, tokens, mixed, logits)
+        outputs = [StepOutput(seq, tok) for seq, tok in zip(seqs, tokens)]
+        self._annotate(outputs, mixed, [s.row for s in seqs],
+                       lambda i, stream: logits[seqs[i].request.plan.policy_of(stream)].logprobs(seqs[i], stream))
         self.timers["detok"] += time.perf_counter() - t
         return outputs
 
+    def _verify(self, seqs: list[Sequence], drafts: dict[Sequence, Draft],
+                logits: dict[str, PolicyLogits]) -> list[StepOutput]:
+        """Speculative rounds: q at the k + 1 verified positions of each sequence, the drafts accepted or
+        replaced (speculative.accept), every lane settled on the accepted prefix; one output per token."""
+        outputs: list[StepOutput] = []
+        for seq in seqs:
+            state, draft = seq.request, drafts[seq]
+            if state.status == Status.FINISHED:  # failed in a forward of this step
+                continue
+            plan, sp = state.plan, state.sampling
+            try:
+                mixed = None  # [k + 1, V] = sum_k w_k * l_k at every verified position
+                for stream, w in plan.weights.items():
+                    if w != 0.0:
+                        x = logits[plan.policy_of(stream)].positions[seq.lanes[stream]]
+                        mixed = x * w if mixed is None else mixed.add_(x, alpha=w)
+                if not torch.isfinite(mixed.amax(dim=-1)).all():
+                    self.scheduler.fail(state, ErrorKind.INTERNAL, "the mixed distribution is not finite (NaN or "
+                                        "infinite log-probabilities)", "nan")
+                    continue
+                # each position processed as its own step would be: penalties see the drafts before it
+                rows = [self._row_sampling(seq, j, draft.tokens[:j]) for j in range(len(draft.tokens) + 1)]
+                x = mixed if all(r.plain for r in rows) else apply_penalties(mixed.clone(), rows)
+                greedy = sp.temperature == 0.0
+                if not greedy:
+                    x = filtered_logits(x, [sp] * x.shape[0])
+                emitted, accepted = accept(x, draft.tokens, draft.probs, greedy, seq.generator)
+                if not state.forked:  # its prefill step (n = 1: no sibling shares the prompt's cache)
+                    self.scheduler.fork(state)
+                Speculator.settle(seq, draft, emitted, accepted, self.runners, self.drafters)
+                outs = [StepOutput(seq, tok, fed=True) for tok in emitted]
+                lanes = {stream: logits[plan.policy_of(stream)].positions[lane] for stream, lane in seq.lanes.items()
+                         if stream in plan.weights}
+                normalised: dict[str, torch.Tensor] = {}
+
+                def policy_logprobs(i: int, stream: str) -> torch.Tensor:
+                    if stream not in normalised:
+                        normalised[stream] = torch.log_softmax(lanes[stream], dim=-1)
+                    return normalised[stream][i]
+
+                self._annotate(outs, mixed, list(range(len(outs))), policy_logprobs)
+            except Exception as err:  # noqa: BLE001 - this request fails, the engine goes on
+                log.exception("verification failed for request %s", state.req.request_id)
+                self.scheduler.fail(state, *failure_of(err, "verifying drafted tokens"))
+                continue
+            outputs += outs
+        return outputs
+
     @staticmethod
-    def _row_sampling(seq: Sequence) -> RowSampling:
+    def _row_sampling(seq: Sequence, row: int | None = None, drafted: list[int] = ()) -> RowSampling:
+        """Sampling of ``seq``'s row (a verified position: after the ``drafted`` tokens before it)."""
         plan = seq.request.plan
         sp = plan.sampling
-        blocked = sorted(plan.eos_ids | set(sp.stop_token_ids)) if len(seq.output_ids) < sp.min_tokens else []
-        return RowSampling(seq.row, sp, plan.prompts[plan.leader], seq.output_ids, blocked, seq.generator)
+        output = [*seq.output_ids, *drafted] if drafted else seq.output_ids
+        blocked = sorted(plan.eos_ids | set(sp.stop_token_ids)) if len(output) < sp.min_tokens else []
+        return RowSampling(seq.row if row is None else row, sp, plan.prompts[plan.leader], output, blocked,
+                           seq.generator)
 
-    def _outputs(self, seqs: list[Sequence], tokens: list[int], mixed: torch.Tensor,
-                 logits: dict[str, PolicyLogits]) -> list[StepOutput]:
-        """Step outputs with the logprobs and signals each request asked for."""
-        outputs = [StepOutput(seq, tok) for seq, tok in zip(seqs, tokens)]
+    @staticmethod
+    def _annotate(outputs: list[StepOutput], mixed: torch.Tensor, rows: list[int], policy_logprobs) -> None:
+        """The logprobs and signals each request asked for: ``outputs[i]``'s mixed scores are ``mixed[rows[i]]``,
+        ``policy_logprobs(i, stream)`` [V] is that stream's log-probabilities at ``outputs[i]``'s position."""
         # q = log_softmax(mixed), only over the rows whose requests need it
-        need = [out for out in outputs if out.seq.request.req.needs_logprob]
-        logq = chosen = None
+        need = [i for i, out in enumerate(outputs) if out.seq.request.req.needs_logprob]
         if need:
-            rows = torch.tensor([o.seq.row for o in need], device=mixed.device)
-            logq = torch.log_softmax(mixed.index_select(0, rows), dim=-1)  # [N, V]
-            toks = torch.tensor([o.token for o in need], device=mixed.device)
+            logq = torch.log_softmax(mixed.index_select(0, torch.tensor([rows[i] for i in need], device=mixed.device)),
+                                     dim=-1)  # [N, V]
+            toks = torch.tensor([outputs[i].token for i in need], device=mixed.device)
             chosen = logq.gather(1, toks[:, None])[:, 0].tolist()
-        for i, out in enumerate(need):
-            out.logprob = chosen[i]
-            k = out.seq.request.plan.sampling.logprobs
-            if k:
-                top = torch.topk(logq[i], min(k, logq.shape[1]))
-                out.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
-            pair = out.seq.request.plan.signal_pair
-            if pair is not None:  # (token signals need the logprob: logq is there)
-                out.kl = float(kl_to_reference(logq[i], logits[pair.reference].logprobs(out.seq, pair.reference)))
-        for out in outputs:
+            for n, i in enumerate(need):
+                out = outputs[i]
+                out.logprob = chosen[n]
+                k = out.seq.request.plan.sampling.logprobs
+                if k:
+                    top = torch.topk(logq[n], min(k, logq.shape[1]))
+                    out.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
+                pair = out.seq.request.plan.signal_pair
+                if pair is not None:  # (token signals need the logprob: logq is there)
+                    out.kl = float(kl_to_reference(logq[n], policy_logprobs(i, pair.reference)))
+        for i, out in enumerate(outputs):
             plan = out.seq.request.plan
             if plan.request.needs_policy_logprobs:
-                out.policy_logprobs = {s: float(logits[plan.policy_of(s)].logprobs(out.seq, s)[out.token])
-                                       for s in plan.weights}
-        return outputs
+                out.policy_logprobs = {s: float(policy_logprobs(i, s)[out.token]) for s in plan.weights}
+
+
+def _timed_forward(runner: PolicyRunner) -> tuple[torch.Tensor | None, BaseException | None, float]:
+    """A runner's forward, its error and its seconds (run on a worker thread with policy-parallel steps)."""
+    t = time.perf_counter()
+    try:
+        return runner.forward(), None, time.perf_counter() - t
+    except Exception as err:  # noqa: BLE001 - the core fails that policy's requests
+        return None, err, time.perf_counter() - t
+
+
+def _parallel_forwards(setting: str, runners: dict[str, PolicyRunner]) -> ThreadPoolExecutor | None:
+    """Threads for policy-parallel steps: one per policy, as many as the cores hold at torch's thread count.
+
+    On CPU each forward then runs its ops on its own core (torch releases the GIL inside them). ``auto``
+    leaves GPUs alone: their forwards share one CUDA stream, so threads would only add contention."""
+    if setting == "off" or len(runners) < 2:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = min(len(runners), cores // max(1, torch.get_num_threads()))
+    on_cpu = all(r.device.type == "cpu" for r in runners.values())
+    if setting == "auto" and (not on_cpu or workers < 2):
+        return None
+    return ThreadPoolExecutor(max(2, workers), thread_name_prefix="policymix-forward")

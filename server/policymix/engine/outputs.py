@@ -36,6 +36,7 @@ class StepOutput:
     top_logprobs: list[tuple[int, float]] | None = None
     policy_logprobs: dict[str, float] | None = None  # each policy's log pi_k(token), when asked for
     kl: float | None = None  # KL(q || pi_ref) of the step, with token signals
+    fed: bool = False  # a speculative round's token: the core already placed it in the caches and feeds
 
 
 class OutputProcessor:
@@ -54,7 +55,7 @@ class OutputProcessor:
         for out in outputs:
             seq = out.seq
             state = seq.request
-            if state.status == Status.FINISHED:  # a sibling failed just before
+            if state.status == Status.FINISHED or seq.finished:  # a sibling failed; a round's tokens past a stop
                 continue
             state.generated += 1
             try:
@@ -63,7 +64,7 @@ class OutputProcessor:
                 if out.policy_logprobs is not None:
                     seq.observe(ev, state.req, out.policy_logprobs, state.plan.signal_pair, out.kl)
                 seq.add_token(out.token, ev, state.sampling, state.plan.eos_ids, state.emit)
-                self.scheduler.update(seq, out.token)
+                self.scheduler.update(seq, out.token, out.fed)
                 if seq.finished and self.scheduler.done(state):
                     self._close(state)
                 elif state.forked and (state.req.search is not None or (

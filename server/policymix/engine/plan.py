@@ -15,6 +15,7 @@ from ..errors import PolicymixError
 from ..mixing.recipes import Variant
 from ..registry import Registry
 from .protocol import GenerationRequest, ImplicitRewardSpec, Prompt, RequestPlan
+from .speculative import DRAFT_STREAM, drafter_key
 
 
 def make_plan(registry: Registry, req: GenerationRequest) -> RequestPlan:
@@ -59,12 +60,37 @@ def make_plan(registry: Registry, req: GenerationRequest) -> RequestPlan:
     registry.check_length(family, prompt_len, max_tokens)
     eos = frozenset().union(*(registry.policies[req.recipe.policy_of(n)].eos_ids for n in req.recipe.active))
     scorers = (req.rerank.reward_model,) if req.rerank is not None and req.rerank.kind == "reward_model" else ()
+    draft_prompt = _draft_prompt(registry, req, prompt)
     return RequestPlan(
         request=req, sampling=replace(sp, max_tokens=max_tokens, stop=list(sp.stop),
                                       stop_token_ids=list(sp.stop_token_ids), logit_bias=dict(sp.logit_bias)),
         weights=weights, observers=tuple(n for n in observers if n not in req.recipe.active), scorers=scorers,
         prompts=prompts, eos_ids=eos, signal_pair=pair if req.return_token_signals else None, scored=scored,
-        runner_of={name: v.policy for name, v in variants.items()})
+        runner_of={**{name: v.policy for name, v in variants.items()},
+                   **({DRAFT_STREAM: drafter_key(req.speculative.draft)} if draft_prompt is not None else {})},
+        speculative=req.speculative,
+        draft_prompt=draft_prompt)
+
+
+def _draft_prompt(registry: Registry, req: GenerationRequest, prompt: Prompt) -> list[int] | None:
+    """A draft policy's rendering of the prompt (None for n-gram drafting); 400s name ``speculative``."""
+    spec = req.speculative
+    if spec is None:
+        return None
+    if not 1 <= spec.num_tokens <= 16:
+        raise PolicymixError("speculative.num_tokens must be between 1 and 16", param="speculative.num_tokens")
+    if req.search is not None or (req.rerank is not None and req.rerank.prune_every is not None):
+        raise PolicymixError("speculative cannot be combined with search or rerank.prune", param="speculative")
+    if spec.ngram:
+        return None
+    p = registry.policies.get(spec.draft)
+    if p is None or p.kind != "causal":
+        raise PolicymixError(f"speculative.draft: unknown policy {spec.draft!r} (a served policy or 'ngram')",
+                             param="speculative.draft")
+    if p.family != req.recipe.family:
+        raise PolicymixError(f"speculative.draft: policy {spec.draft!r} uses a different tokenizer than the mixture",
+                             param="speculative.draft")
+    return p.render(prompt)
 
 
 def _render_variant(registry: Registry, name: str, v: Variant, prompt: Prompt) -> list[int]:

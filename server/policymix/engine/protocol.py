@@ -74,6 +74,21 @@ class SearchSpec:
 
 
 @dataclass
+class SpeculativeSpec:
+    """Lossless speculative decoding of the mixture: ``num_tokens`` drafted per round by ``draft`` (a served
+    policy of the mixture's tokenizer family, or "ngram": prompt lookup), verified in one forward per policy."""
+
+    draft: str  # a policy name, or NGRAM
+    num_tokens: int
+
+    NGRAM = "ngram"
+
+    @property
+    def ngram(self) -> bool:
+        return self.draft == self.NGRAM
+
+
+@dataclass
 class GenerationRequest:
     request_id: str
     model: str  # the served name the client asked for (echoed, metrics label)
@@ -88,6 +103,7 @@ class GenerationRequest:
     deadline: float | None = None  # monotonic time after which a still-queued request is dropped
     max_tokens_cap: int | None = None  # caps an unset max_tokens (an API key's limit)
     search: SearchSpec | None = None  # chunk-level beam search (sampling.best_of = beam_width * expand)
+    speculative: SpeculativeSpec | None = None  # drafted tokens verified against the mixture
 
     @property
     def needs_logprob(self) -> bool:
@@ -155,6 +171,7 @@ class SequenceResult:
     stop_reason: str | int | None = None
     kl_to_reference: float | None = None
     implicit_reward: float | None = None
+    speculative: dict[str, Any] | None = None  # {"draft", "drafted", "accepted"} when its tokens were drafted
 
 
 class ErrorKind(str, enum.Enum):
@@ -217,6 +234,8 @@ class RequestPlan:
     signal_pair: ImplicitRewardSpec | None  # token signals' (policy, reference, beta), when asked for
     scored: list[int] | None = None  # with prompt logprobs: the tokens scored, the end of every policy's prompt
     runner_of: dict[str, str] = field(default_factory=dict)  # prompt variant -> the policy whose weights run it
+    speculative: SpeculativeSpec | None = None  # what drafts for the request (None: no speculation)
+    draft_prompt: list[int] | None = None  # a draft policy's rendering of the prompt
 
     def policy_of(self, stream: str) -> str:
         return self.runner_of.get(stream, stream)
@@ -225,7 +244,8 @@ class RequestPlan:
     def policies(self) -> list[str]:
         """Every served policy the request uses (recipe, variants' policies, observers, reward models): what
         a key must allow."""
-        return list(dict.fromkeys([*(self.policy_of(s) for s in self.weights), *self.scorers]))
+        draft = (self.speculative.draft,) if self.draft_prompt is not None else ()
+        return list(dict.fromkeys([*(self.policy_of(s) for s in self.weights), *self.scorers, *draft]))
 
     @cached_property  # read every step; a plan does not change
     def leader(self) -> str:

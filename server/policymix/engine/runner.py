@@ -4,9 +4,12 @@ Prefill and decode share one forward: a joining sequence feeds its prompt, the o
 token (unless padding every decoding row to the prompt would cost more than a second forward: then
 the joining rows, a suffix of the slots, run apart). Rows are left-padded to the longest feed Q;
 each row gets explicit positions and an additive 4D mask, and writes its keys at its own cache
-positions (padding lands in future cells that are masked now and overwritten later). A sequence
-whose prompt is scored (prompt logprobs) runs its prefill as a forward of its own that keeps the
-logits of every position (``prompt_logits``), without padding.
+positions (padding lands in future cells that are masked now and overwritten later).
+
+Two kinds of rows keep the logits of every position they feed (``position_logits``): a scored
+prefill (prompt logprobs), which runs as a forward of its own without padding, and a speculative
+verification (a sequence's last token plus its drafted tokens), batched with the others. A rejected
+draft's cells are dropped by ``truncate``: the slot's length goes back, nothing is copied.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ def _cache_keyword(model) -> str:
 
 class PolicyRunner:
     def __init__(self, name: str, model, vocab_size: int, pad_id: int, device, dtype, decode: str = "dynamic",
-                 cpu_linear: str = "onednn"):
+                 cpu_linear: str = "onednn", slots: int = 4, capacity: int = 128):
         self.name = name
         self.model = model
         # float32 on CPU: linear layers prepacked for oneDNN once (cpu_linear.py); a no-op for weights
@@ -43,13 +46,14 @@ class PolicyRunner:
         cfg = model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        self.cache = SlotKVCache(cfg.num_hidden_layers, kv_heads, head_dim, dtype, self.device)
+        self.cache = SlotKVCache(cfg.num_hidden_layers, kv_heads, head_dim, dtype, self.device, slots, capacity)
         self.mask_min = torch.finfo(dtype).min  # never -inf: an all-masked padding row would give NaN
         self.dtype = dtype
         self.cache_kw = _cache_keyword(model)
         self.slots: list = []  # lanes (a sequence's context in this policy) in slot order
         self._slot: dict = {}  # lane -> its slot (lanes hash by identity)
-        self.prompt_logits: dict = {}  # lane -> [prompt positions, V] logits of a scored prefill (read once)
+        # lane -> [fed positions, V] logits of a scored prefill or a verification (read once, by the core)
+        self.position_logits: dict = {}
         self.lengths: list[int] = []  # tokens cached per slot
         self.forwards = 0  # forward passes run (metrics)
         self.split_steps = 0  # steps whose joining prompts ran apart from the decoding rows
@@ -79,9 +83,16 @@ class PolicyRunner:
         self.cache.reserve(len(self.slots), self.cache.capacity)
         self.cache.copy_slot(src, dst, self.lengths[src])
 
+    def truncate(self, lane, length: int) -> None:
+        """Keep the first ``length`` cached positions of ``lane`` (rejected drafts): the cells past it are
+        overwritten later, as padding cells are."""
+        slot = self.slot_of(lane)
+        assert length <= self.lengths[slot]
+        self.lengths[slot] = length
+
     def remove(self, lane) -> None:
         """Free ``lane``'s slot at once; the last slot moves into the hole."""
-        self.prompt_logits.pop(lane, None)
+        self.position_logits.pop(lane, None)
         hole = self._slot.pop(lane)
         last = len(self.slots) - 1
         if hole != last:
@@ -98,8 +109,11 @@ class PolicyRunner:
         feeds = [lane.step_feed() for lane in self.slots]
         scoring = [lane.seq.score_prompt for lane in self.slots]
         parts = self._scored_parts(feeds, scoring) if any(scoring) else [(lo, hi, False) for lo, hi in self._parts(feeds)]
-        lps = [self._forward_rows(feeds, lo, hi, whole=len(parts) == 1 and not keep, keep_all=keep)
-               for lo, hi, keep in parts]
+        verify = [lane.verify for lane in self.slots]
+        lps = []
+        for lo, hi, scored in parts:
+            keep = len(feeds[lo]) if scored else max(verify[lo:hi])  # trailing positions whose logits are kept
+            lps.append(self._forward_rows(feeds, lo, hi, whole=len(parts) == 1 and not keep, keep=keep))
         self.split_steps += len(parts) > 1
         for i, (lane, f) in enumerate(zip(self.slots, feeds)):
             self.lengths[i] += len(f)
@@ -132,8 +146,9 @@ class PolicyRunner:
                 lo = i + 1
         return parts
 
-    def _forward_rows(self, feeds: list[list[int]], lo: int, hi: int, whole: bool,
-                      keep_all: bool = False) -> torch.Tensor:
+    def _forward_rows(self, feeds: list[list[int]], lo: int, hi: int, whole: bool, keep: int = 0) -> torch.Tensor:
+        """Rows [lo, hi) in one forward; the logits of the last ``keep`` positions are kept for the rows that
+        score them (a scored prefill: all it feeds, alone; a verification: its last token and drafts)."""
         part, lengths = feeds[lo:hi], self.lengths[lo:hi]
         # the static path pads up to a bucket with rows past the batch: only safe when no slot follows
         if whole and self.static is not None and self.static.applicable(part):
@@ -152,8 +167,12 @@ class PolicyRunner:
         self.cache.begin_step(len(part), pos, kv_len, first=lo)
         out = self.model(
             input_ids=ids.to(self.device), attention_mask=mask.to(self.device), position_ids=pos,
-            use_cache=True, logits_to_keep=Q if keep_all else 1, **{self.cache_kw: self.cache},
+            use_cache=True, logits_to_keep=max(keep, 1), **{self.cache_kw: self.cache},
         )
-        if keep_all:  # one row, no padding: every position's logits [Q, V]
-            self.prompt_logits[self.slots[lo]] = out.logits[0, :, : self.vocab_size].float()
+        if keep:  # rows are left padded: a row's last n positions are the last n columns
+            for b, f in enumerate(part):
+                lane = self.slots[lo + b]
+                n = len(f) if lane.seq.score_prompt else lane.verify
+                if n:
+                    self.position_logits[lane] = out.logits[b, keep - n:, : self.vocab_size].float()
         return out.logits[:, -1, : self.vocab_size].float()  # [B, V]; padded lm_head rows cut

@@ -186,14 +186,15 @@ class Scheduler:
 
     # ----- after a step ----------------------------------------------------------------------
 
-    def update(self, seq: Sequence, token: int) -> None:
-        """A sequence's sampled token was recorded: feed it on, or free the slots of a finished sequence."""
+    def update(self, seq: Sequence, token: int, fed: bool = False) -> None:
+        """A sequence's sampled token was recorded: feed it on (unless a speculative round already placed it:
+        ``fed``), or free the slots of a finished sequence."""
         state = seq.request
         if seq.finished:
             for lane in seq.lanes.values():
                 self.runners[state.plan.policy_of(lane.stream)].remove(lane)
             state.live -= 1
-        else:
+        elif not fed:
             for lane in seq.lanes.values():
                 lane.feed.append(token)
 

@@ -40,6 +40,8 @@ class SequenceOutput:
     events: list[TokenEvent] = field(default_factory=list)  # buffered when best_of > n
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    drafted: int = 0  # speculative decoding: tokens drafted for it, and how many of them were accepted
+    accepted: int = 0
 
     @property
     def finished(self) -> bool:
@@ -111,7 +113,8 @@ def finish_request(seqs: list[SequenceOutput], plan: RequestPlan, scores: list[f
                 emit(ev)
     results = [SequenceResult(index=i, text=s.detok.text, token_ids=list(s.output_ids), finish_reason=s.finish_reason,
                               stop_reason=s.stop_reason, kl_to_reference=s.kl_sum if signals else None,
-                              implicit_reward=s.reward_sum if signals else None)
+                              implicit_reward=s.reward_sum if signals else None,
+                              speculative=_speculative(plan, s))
                for i, s in enumerate(chosen)]
     if generated is None:  # (beam branches share their parents' tokens: the engine counts them itself)
         generated = sum(len(s.output_ids) for s in seqs)
@@ -119,6 +122,11 @@ def finish_request(seqs: list[SequenceOutput], plan: RequestPlan, scores: list[f
                        sequences=results, weights=dict(plan.request.recipe.weights), candidates=candidates,
                        kl_bound=kl_bound(len(seqs)) if sp.reranked else None,
                        generated_tokens=generated if sp.reranked else None)
+
+
+def _speculative(plan: RequestPlan, s: SequenceOutput) -> dict[str, Any] | None:
+    spec = plan.speculative
+    return None if spec is None else {"draft": spec.draft, "drafted": s.drafted, "accepted": s.accepted}
 
 
 @dataclass(kw_only=True, eq=False)
@@ -142,6 +150,7 @@ class Lane:
     seq: Sequence
     stream: str  # the plan's name for this context: a policy, or a variant of the runner's policy
     feed: list[int] = field(default_factory=list)  # tokens not yet in this context's cache
+    verify: int = 0  # this step feeds k drafted tokens: the runner keeps the logits of its last k + 1 positions
 
     def step_feed(self) -> list[int]:
         """The tokens the runner takes this step (all pending, unless a scored prefill is chunked)."""

@@ -193,6 +193,10 @@ class VllmEngine(RegistryEngineClient):
         if request.search is not None:
             raise PolicymixError("search is not available on --engine vllm (a beam branches mid-sequence); use "
                                  "--engine native", param="search")
+        if request.speculative is not None:
+            raise PolicymixError("speculative is not available on --engine vllm: vLLM's own speculative decoding "
+                                 "verifies against one model, not a mixture (docs/vllm.md); use --engine native",
+                                 param="speculative")
         if request.rerank is not None and request.rerank.prune_every is not None:
             raise PolicymixError("rerank.prune is not available on --engine vllm (candidates are separate vLLM "
                                  "requests scored at the end); use --engine native", param="rerank.prune")

@@ -1,0 +1,216 @@
+"""Lossless speculative decoding of a mixture: cheap drafts, verified against q in one forward per policy.
+
+A round, for a sequence whose request sets ``speculative`` (Leviathan et al. 2023; Chen et al. 2023):
+
+1. **Draft** k tokens: prompt lookup (``ngram``: the continuation of the latest earlier occurrence of the
+   context's last n tokens, as vLLM's ``ngram`` method) or k one-token steps of a draft policy, run on a
+   cache of its own (a ``drafter`` runner: the policy's weights, its own slots), in lane ``DRAFT_STREAM``.
+2. **Verify**: every lane of the sequence (each policy, prompt variant and observer) feeds its last token
+   plus the k drafts in one forward that keeps every position's logits (``runner.py``), batched with the
+   sequences that do not speculate; the core mixes them into q at the k + 1 positions, each position
+   processed as a normal step would be (penalties and min_tokens see the drafts before it).
+3. **Accept** (:func:`accept`): draft token x at position j is kept with probability min(1, q(x) / p(x));
+   the first rejected one is replaced by a draw from norm(max(0, q - p)); when all k are kept, one more
+   token is drawn from q. Greedy keeps drafts while each is argmax q. Every token is thus a draw from q
+   (the chi-square tests in tests/test_speculative.py).
+4. **Caches**: each lane keeps its accepted prefix (``runner.truncate``: the slot's length goes back, the
+   rejected cells are overwritten later, nothing is copied); the drafter keeps what it computed of it.
+
+An n-gram draft is a point mass p = 1{x}: the rule keeps x with probability q(x) and otherwise draws from q
+without x. It is applied as one inverse-CDF draw y ~ q with the sequence's next uniform (accept iff y = x,
+else y is the replacement), which is that rule exactly and consumes one uniform per token, like a step
+without speculation: a seeded request gives the same tokens with n-gram drafting on or off, under any load.
+With a draft policy the draws differ from a step's, so the adaptive switch (no drafting above
+``max_concurrency`` running sequences) leaves seeded sequences speculating: their tokens never depend on load.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .protocol import SamplingParams
+from .runner import PolicyRunner
+from .sampler import _draw, argmax_rows, filtered_logits
+from .sequence import Lane, RequestState, Sequence
+
+log = logging.getLogger("policymix.engine")
+
+DRAFT_STREAM = "<draft>"  # the lane key of a sequence's context in its draft policy's drafter runner
+NGRAM_MAX, NGRAM_MIN = 4, 2  # prompt lookup: the longest suffix of 4 down to 2 tokens that occurred before
+DEFAULT_MAX_CONCURRENCY = 8  # when requests ask for speculation and the config sets no default
+
+
+def drafter_key(policy: str) -> str:
+    """The scheduler's name of a policy's drafter runner."""
+    return f"{policy}{DRAFT_STREAM}"
+
+
+@dataclass(eq=False)
+class Draft:
+    """A sequence's drafted tokens of this round."""
+
+    tokens: list[int]
+    probs: torch.Tensor | None  # [k, V] the draft policy's distribution at each token (None: n-gram, a point mass)
+    cached: int = 0  # drafts the drafter has in its cache (k - 1: the last one was never fed)
+    base: int = 0  # the drafter's cache length before the first draft (the context through the last token)
+
+
+def ngram_propose(tokens: list[int], k: int, n_max: int = NGRAM_MAX, n_min: int = NGRAM_MIN) -> list[int]:
+    """Up to ``k`` tokens that followed the latest earlier occurrence of the longest suffix of ``tokens`` of
+    ``n_max`` down to ``n_min`` tokens; [] when none occurred before."""
+    last = len(tokens) - 1
+    if last < n_min:
+        return []
+    ends = [i for i in range(last - 1, -1, -1) if tokens[i] == tokens[last]]  # latest first
+    for n in range(min(n_max, last), n_min - 1, -1):
+        suffix = tokens[last - n + 1:]
+        for i in ends:
+            if i >= n - 1 and tokens[i - n + 1: i + 1] == suffix:
+                return tokens[i + 1: i + 1 + k]
+    return []
+
+
+def accept(x: torch.Tensor, drafts: list[int], draft_probs: torch.Tensor | None, greedy: bool,
+           generator: torch.Generator) -> tuple[list[int], int]:
+    """The tokens a round emits (the accepted drafts, then one more) and how many drafts were accepted.
+
+    ``x`` [k + 1, V]: the processed target scores at each position (penalties applied; for sampling also
+    temperature and top-k / top-p / min-p, -inf outside), so that q_j = softmax(x_j)."""
+    k = len(drafts)
+    if greedy:
+        target = argmax_rows(x).tolist()
+        for j, d in enumerate(drafts):
+            if target[j] != d:
+                return [*drafts[:j], target[j]], j
+        return [*drafts, target[k]], k
+    q = torch.softmax(x.float(), dim=-1)
+    for j, d in enumerate(drafts):
+        if draft_probs is None:  # a point mass: one inverse-CDF draw from q decides (module docstring)
+            y = _draw(x[j: j + 1], [generator])[0]
+            if y != d:
+                return [*drafts[:j], y], j
+            continue
+        p = draft_probs[j]
+        u = torch.rand((), generator=generator).item()
+        if u * float(p[d]) < float(q[j, d]):  # u < q(d) / p(d), without dividing by a tiny p(d)
+            continue
+        residual = (q[j] - p).clamp_min(0.0)
+        if not float(residual.sum()) > 0.0:  # q <= p everywhere only when q == p (up to rounding): draw from q
+            residual = q[j]
+        return [*drafts[:j], _draw(residual.log()[None], [generator])[0]], j
+    return [*drafts, _draw(x[k: k + 1], [generator])[0]], k
+
+
+def draft_scores(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """A draft policy's proposal distribution [R, V] at the request's temperature and filters."""
+    return torch.softmax(filtered_logits(logits, params), dim=-1)
+
+
+class Speculator:
+    """Decides who speculates this step and drafts for them (the core verifies and accepts)."""
+
+    def __init__(self, drafters: dict[str, PolicyRunner], max_concurrency: int):
+        self.drafters = drafters  # policy -> its drafter runner (own cache, same weights)
+        self.max_concurrency = max_concurrency
+        self.rounds = 0  # verification rounds run (metrics)
+
+    def propose(self, states: list[RequestState]) -> dict[Sequence, Draft]:
+        """Draft for every sequence that speculates this step and mark its lanes for verification."""
+        live = sum(1 for st in states for s in st.sequences if not s.finished)
+        todo: dict[Sequence, int] = {}  # sequence -> tokens to draft
+        for st in states:
+            spec = st.plan.speculative
+            # the prefill step drafts too, unless the leader's cache is forked to siblings after it
+            if spec is None or not (st.forked or st.best_of == 1):
+                continue
+            exempt = st.sampling.seed is not None and not spec.ngram  # module docstring: seeded, policy drafts
+            if live > self.max_concurrency and not exempt:
+                continue
+            for seq in st.sequences:
+                k = min(spec.num_tokens, st.sampling.max_tokens - len(seq.output_ids) - 1)
+                if not (seq.finished or seq.score_prompt or k < 1):
+                    todo[seq] = k
+        drafts: dict[Sequence, Draft] = {}
+        by_drafter: dict[str, list[Sequence]] = {}
+        for seq, k in todo.items():
+            spec = seq.request.plan.speculative
+            if spec.ngram:
+                tokens = ngram_propose([*seq.request.plan.prompts[seq.request.plan.leader], *seq.output_ids], k)
+                if tokens:
+                    drafts[seq] = Draft(tokens, None)
+            else:
+                by_drafter.setdefault(spec.draft, []).append(seq)
+        for policy, seqs in by_drafter.items():
+            drafts.update(self._draft_policy(self.drafters[policy], seqs, todo))
+        for seq, draft in drafts.items():
+            for stream, lane in seq.lanes.items():
+                if stream != DRAFT_STREAM:
+                    lane.feed += draft.tokens
+                    lane.verify = len(draft.tokens) + 1
+        return drafts
+
+    def _draft_policy(self, runner: PolicyRunner, seqs: list[Sequence], todo: dict[Sequence, int]) -> dict[Sequence, Draft]:
+        """k one-token steps of the draft policy over every lane of its drafter runner (a lane whose
+        sequence does not speculate now just catches up on its pending tokens and drops its drafts)."""
+        for seq in seqs:
+            if DRAFT_STREAM not in seq.lanes:  # its first round: the draft policy reads the whole context
+                plan = seq.request.plan
+                lane = seq.lanes[DRAFT_STREAM] = Lane(seq, DRAFT_STREAM, [*plan.draft_prompt, *seq.output_ids])
+                runner.add(lane)
+        lanes = list(runner.slots)
+        base = [runner.lengths[i] + len(lane.feed) for i, lane in enumerate(lanes)]
+        steps = max(todo[s] for s in seqs)
+        tokens: dict[Sequence, list[int]] = {s: [] for s in seqs}
+        probs: dict[Sequence, list[torch.Tensor]] = {s: [] for s in seqs}
+        for j in range(steps):
+            logits = runner.forward()  # [B, V], slot order (lanes do not move within a step)
+            # a sequence draws its own k tokens only (the uniforms it consumes must not depend on its batch)
+            rows = [i for i, lane in enumerate(lanes) if lane.seq in tokens and len(tokens[lane.seq]) < todo[lane.seq]]
+            greedy = [i for i in rows if lanes[i].seq.request.sampling.temperature == 0.0]
+            drawn = [i for i in rows if lanes[i].seq.request.sampling.temperature != 0.0]
+            picked: dict[int, int] = {}
+            if greedy:
+                picked.update(zip(greedy, argmax_rows(logits[greedy]).tolist()))
+            if drawn:
+                p = draft_scores(logits[drawn], [lanes[i].seq.request.sampling for i in drawn])
+                toks = _draw(p.log(), [lanes[i].seq.generator for i in drawn])
+                for r, i in enumerate(drawn):
+                    picked[i] = toks[r]
+                    probs[lanes[i].seq].append(p[r])
+            for i, lane in enumerate(lanes):
+                if i in picked:
+                    tokens[lane.seq].append(picked[i])
+                    lane.feed = [picked[i]] if len(tokens[lane.seq]) < todo[lane.seq] else []
+        out = {}
+        for i, lane in enumerate(lanes):
+            lane.feed = []
+            seq = lane.seq
+            if seq in tokens:  # ``settle`` keeps the accepted drafts of its cache once they are known
+                k = todo[seq]
+                out[seq] = Draft(tokens[seq], torch.stack(probs[seq]) if probs[seq] else None, cached=k - 1,
+                                 base=base[i])
+        return out
+
+    @staticmethod
+    def settle(seq: Sequence, draft: Draft, emitted: list[int], accepted: int, runners: dict[str, PolicyRunner],
+               drafters: dict[str, PolicyRunner]) -> None:
+        """After acceptance: every lane keeps the accepted prefix and is fed the round's last token."""
+        seq.drafted += len(draft.tokens)
+        seq.accepted += accepted
+        plan = seq.request.plan
+        final = emitted[-1]
+        for stream, lane in seq.lanes.items():
+            if stream == DRAFT_STREAM:
+                runner = drafters[plan.speculative.draft]
+                keep = min(accepted, draft.cached)
+                runner.truncate(lane, draft.base + keep)
+                lane.feed = [*draft.tokens[keep:accepted], final]
+                continue
+            runner = runners[plan.policy_of(stream)]
+            lane.verify = 0
+            # the forward fed the last token and k drafts: keep the last token and the accepted drafts
+            runner.truncate(lane, runner.lengths[runner.slot_of(lane)] - len(draft.tokens) + accepted)
+            lane.feed = [final]
