@@ -287,6 +287,11 @@ def test_http_default_null_and_explicit_speculation(server):
                                           temperature=0, stream=True,
                                           extra_body={"speculative": {"draft": "base", "num_tokens": 4}})
     assert "".join(c.choices[0].delta.content or "" for c in chat if c.choices)
+    metrics = httpx.get(server.url + "/metrics", timeout=30).text
+    counts = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+              if line.startswith("policymix_spec_decode_num_")}
+    assert counts["policymix_spec_decode_num_draft_tokens_total"] >= counts[
+        "policymix_spec_decode_num_accepted_tokens_total"] > 0
 
 
 def test_http_bad_speculative_fields_are_400s(server):

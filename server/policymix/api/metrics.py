@@ -40,6 +40,13 @@ class _EngineCollector:
         for policy, count in sorted((s.get("forwards") or {}).items()):
             c.add_metric([policy], float(count))
         yield c
+        spec = s.get("speculative")
+        if spec is not None:  # the names of vLLM's spec-decode counters, policymix_-prefixed
+            for key, what in (("drafted", "draft"), ("accepted", "accepted")):
+                c = CounterMetricFamily(f"policymix_spec_decode_num_{what}_tokens",
+                                        f"Speculative decoding: {what} tokens verified against the mixture")
+                c.add_metric([], float(spec[key]))
+                yield c
 
 
 class ServerMetrics:

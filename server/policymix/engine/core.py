@@ -359,7 +359,7 @@ class EngineCore:
                 emitted, accepted = accept(x, draft.tokens, draft.probs, greedy, seq.generator)
                 if not state.forked:  # its prefill step (n = 1: no sibling shares the prompt's cache)
                     self.scheduler.fork(state)
-                Speculator.settle(seq, draft, emitted, accepted, self.runners, self.drafters)
+                self.speculator.settle(seq, draft, emitted, accepted, self.runners)
                 outs = [StepOutput(seq, tok, fed=True) for tok in emitted]
                 lanes = {stream: logits[plan.policy_of(stream)].positions[lane] for stream, lane in seq.lanes.items()
                          if stream in plan.weights}

@@ -109,6 +109,8 @@ class NativeEngine(RegistryEngineClient):
             "timers": dict(core.timers),
             "steps": core.steps,
             "kv_cache_bytes": {name: r.cache.nbytes() for name, r in core.runners.items()},
+            "speculative": {"rounds": core.speculator.rounds, "drafted": core.speculator.drafted,
+                            "accepted": core.speculator.accepted},
         }
 
     async def start(self) -> None:

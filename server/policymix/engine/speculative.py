@@ -115,7 +115,9 @@ class Speculator:
     def __init__(self, drafters: dict[str, PolicyRunner], max_concurrency: int):
         self.drafters = drafters  # policy -> its drafter runner (own cache, same weights)
         self.max_concurrency = max_concurrency
-        self.rounds = 0  # verification rounds run (metrics)
+        self.rounds = 0  # steps that verified drafts, and the draft tokens verified and accepted (metrics)
+        self.drafted = 0
+        self.accepted = 0
 
     def propose(self, states: list[RequestState]) -> dict[Sequence, Draft]:
         """Draft for every sequence that speculates this step and mark its lanes for verification."""
@@ -194,17 +196,18 @@ class Speculator:
                                  base=base[i])
         return out
 
-    @staticmethod
-    def settle(seq: Sequence, draft: Draft, emitted: list[int], accepted: int, runners: dict[str, PolicyRunner],
-               drafters: dict[str, PolicyRunner]) -> None:
+    def settle(self, seq: Sequence, draft: Draft, emitted: list[int], accepted: int,
+               runners: dict[str, PolicyRunner]) -> None:
         """After acceptance: every lane keeps the accepted prefix and is fed the round's last token."""
         seq.drafted += len(draft.tokens)
         seq.accepted += accepted
+        self.drafted += len(draft.tokens)
+        self.accepted += accepted
         plan = seq.request.plan
         final = emitted[-1]
         for stream, lane in seq.lanes.items():
             if stream == DRAFT_STREAM:
-                runner = drafters[plan.speculative.draft]
+                runner = self.drafters[plan.speculative.draft]
                 keep = min(accepted, draft.cached)
                 runner.truncate(lane, draft.base + keep)
                 lane.feed = [*draft.tokens[keep:accepted], final]

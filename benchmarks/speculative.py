@@ -1,0 +1,298 @@
+"""Speculative decoding of mixtures and policy-parallel steps, against the same engine without them (CPU).
+
+    OMP_NUM_THREADS=1 python -m benchmarks.speculative --threads 1 --out benchmarks/results/speculative_cpu
+
+Sections (``--sections``), each contender measured side by side in every repeat, medians reported:
+
+- ``anchors``: the benchmark model set (three random Llama policies, hidden 256, 4 layers, vocab 32k),
+  proxy tuning ``base + (tuned - untuned)``, greedy, one request at a time: the re-implemented batch-1
+  proxy-tuning loop against the engine plain, with policy-parallel forwards, and with prompt lookup on top.
+- ``copy``: the embedded SmolLM2-135M-Instruct, the 2-policy mixture ``concise-formal``, requests that
+  repeat or continue a given passage, one at a time: prompt lookup (``ngram``) against no speculation.
+- ``drafter``: the same mixture on ordinary questions with the policy ``smollm2`` as drafter, at
+  concurrency 1 and 4: acceptance rate and speedup.
+- ``proxy``: a large base steered by two small experts at a 10:1 compute ratio (``_proxy_models``), the
+  mixture with the small tuned expert drafting, against the large model alone without speculation.
+  No real 10:1 pair loads offline here, so the family is built to relate as real ones do: the small
+  untuned expert is a random Llama (hidden 256, 2 layers, vocab 8000), the tuned one is it with perturbed
+  weights (a fine-tune), and the large base is it grown to 36 layers (the 34 new layers random, their
+  residual writes scaled by 0.02), so that the large base agrees with the small base often but not
+  always, like Llama-2-70B and Llama-2-7B. The acceptance rate this gives is reported beside the ratio.
+- ``crossover``: prompt lookup on the copy requests at 1, 2, 4, 8 and 16 in flight: where drafting stops
+  paying (the default ``max_concurrency``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import shlex
+import statistics
+import sys
+import time
+
+import torch
+
+from benchmarks.anchors import run_proxy_tuning
+from benchmarks.anchors.common import torch_threads
+from benchmarks.engine_bench import registry_from_models
+from benchmarks.models import PROMPTS, build_bench_models, load_policies, load_tokenizer
+from benchmarks.report import machine_info, markdown_table, write_report
+from policymix.engine.core import EngineCore
+from policymix.engine.protocol import GenerationRequest, Prompt, RequestDone, SamplingParams, SpeculativeSpec
+from policymix.mixing.recipes import compile_recipe
+
+_ids = itertools.count()
+
+PASSAGE = ("The lighthouse stood on a narrow spit of rock at the edge of the bay. Every evening the keeper climbed "
+           "the one hundred and twelve steps to the lamp room, trimmed the wick, polished the great lens and "
+           "wrote the time, the weather and the ships he had seen in a leather logbook that his grandfather had "
+           "begun sixty years before.")
+COPY = [f"Repeat the following passage exactly, word for word:\n\n{PASSAGE}",
+        f"Rewrite the following passage in the same words, correcting nothing:\n\n{PASSAGE}",
+        f"Here is a passage:\n\n{PASSAGE}\n\nCopy it out again below.",
+        f"Continue this text by repeating it once more from the start:\n\n{PASSAGE}"]
+QUESTIONS = ["What is the capital of France?", "Give me three tips for sleeping better.",
+             "Explain what a lighthouse does.", "Why is the sky blue?"]
+
+
+def serve(core: EngineCore, model: str, mixture, prompts: list[Prompt], tokens: int, concurrency: int,
+          speculative: SpeculativeSpec | None) -> dict:
+    """Serve ``prompts`` greedily with ``concurrency`` requests in flight; seconds, tokens, drafted, accepted."""
+    reg = core.registry
+    recipe = compile_recipe(mixture, model, reg.infos(), reg.config.mixtures)
+    pending, done = list(prompts), []
+
+    def submit(prompt):
+        req = GenerationRequest(f"s{next(_ids)}", model, recipe, prompt,
+                                SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True),
+                                speculative=speculative)
+        state = core.render(req)
+        state.emit = lambda ev: done.append(ev) if isinstance(ev, RequestDone) else None
+        core.add(state)
+
+    start = time.perf_counter()
+    for _ in range(min(concurrency, len(pending))):
+        submit(pending.pop(0))
+    while core.has_work():
+        before = len(done)
+        core.step()
+        for _ in range(len(done) - before):
+            if pending:
+                submit(pending.pop(0))
+    wall = time.perf_counter() - start
+    assert len(done) == len(prompts) and all(d.error is None for d in done), [d.error for d in done]
+    seqs = [d.sequences[0] for d in done]
+    drafted = sum((s.speculative or {}).get("drafted", 0) for s in seqs)
+    accepted = sum((s.speculative or {}).get("accepted", 0) for s in seqs)
+    return {"s": wall, "tokens": sum(d.completion_tokens for d in done), "drafted": drafted, "accepted": accepted,
+            "out": [s.token_ids for s in seqs]}
+
+
+def _core(reg, parallel: bool, max_concurrency: int = 64) -> EngineCore:
+    core = EngineCore(reg)
+    if not parallel and core.parallel is not None:
+        core.parallel.shutdown()
+        core.parallel = None
+    core.speculator.max_concurrency = max_concurrency
+    return core
+
+
+def _median_rows(per: list[dict], label: str, base: str | None = None, **extra) -> dict:
+    s = statistics.median(r["s"] for r in per)
+    row = {"contender": label, **extra, "tok_s": per[0]["tokens"] / s, "s": s}
+    if per[0]["drafted"]:
+        row["acceptance"] = per[0]["accepted"] / per[0]["drafted"]
+    return row
+
+
+def _compare(runs: dict[str, list[dict]], ref: str) -> list[dict]:
+    """Rows with each contender's median tok/s and its ratio to ``ref`` (medians of per-repeat ratios)."""
+    rows = []
+    for label, per in runs.items():
+        row = _median_rows(per, label)
+        row["ratio"] = statistics.median(r["s"] / p["s"] * p["tokens"] / r["tokens"]
+                                         for r, p in zip(runs[ref], per))
+        rows.append(row)
+    return rows
+
+
+def section_anchors(args) -> list[dict]:
+    bm = build_bench_models()
+    tok = load_tokenizer(bm.tokenizer_dir)
+    models = load_policies(bm.paths)
+    reg = registry_from_models(models, tok, max_num_seqs=64)
+    prompts = [Prompt(token_ids=tok(p).input_ids) for p in PROMPTS[: args.prompts]]
+    mix = {"weights": {"base": 1.0, "tuned": 1.0, "untuned": -1.0}}
+    runs: dict[str, list[dict]] = {k: [] for k in ("proxy-tuning loop, batch 1", "engine", "engine, policy-parallel",
+                                                   "engine, policy-parallel + ngram k=4")}
+    serve(_core(reg, True), "base", mix, prompts[:1], 4, 1, SpeculativeSpec("ngram", 4))  # warm-up
+    for _ in range(args.repeats):
+        loop = run_proxy_tuning(models, tok, PROMPTS[: args.prompts], args.tokens, batch_size=1, threads=args.threads)
+        runs["proxy-tuning loop, batch 1"].append({"s": loop.wall_s, "tokens": loop.tokens, "drafted": 0,
+                                                   "accepted": 0})
+        plain = serve(_core(reg, False), "base", mix, prompts, args.tokens, 1, None)
+        runs["engine"].append(plain)
+        runs["engine, policy-parallel"].append(serve(_core(reg, True), "base", mix, prompts, args.tokens, 1, None))
+        spec = serve(_core(reg, True), "base", mix, prompts, args.tokens, 1, SpeculativeSpec("ngram", 4))
+        assert spec["out"] == plain["out"]  # lossless: the same greedy tokens
+        runs["engine, policy-parallel + ngram k=4"].append(spec)
+    return [{"section": "anchors", **r} for r in _compare(runs, "proxy-tuning loop, batch 1")]
+
+
+def _embedded():
+    from policymix.embedded import default_config
+    from policymix.registry import load_registry
+
+    return load_registry(default_config(policies_dir=None))
+
+
+def _chat(texts: list[str]) -> list[Prompt]:
+    return [Prompt(messages=[{"role": "user", "content": t}]) for t in texts]
+
+
+def section_copy(args, reg) -> list[dict]:
+    runs: dict[str, list[dict]] = {"no speculation": [], "ngram k=4": [], "ngram k=8": []}
+    prompts = _chat(COPY)
+    serve(_core(reg, True), "concise-formal", None, prompts[:1], 4, 1, SpeculativeSpec("ngram", 4))
+    for _ in range(args.repeats):
+        plain = serve(_core(reg, True), "concise-formal", None, prompts, args.tokens, 1, None)
+        runs["no speculation"].append(plain)
+        for k in (4, 8):
+            got = serve(_core(reg, True), "concise-formal", None, prompts, args.tokens, 1, SpeculativeSpec("ngram", k))
+            assert got["out"] == plain["out"]
+            runs[f"ngram k={k}"].append(got)
+    return [{"section": "copy, concurrency 1", **r} for r in _compare(runs, "no speculation")]
+
+
+def section_drafter(args, reg) -> list[dict]:
+    rows = []
+    prompts = _chat(QUESTIONS)
+    for c in (1, 4):
+        runs: dict[str, list[dict]] = {"no speculation": [], "draft smollm2 k=2": [], "draft smollm2 k=4": []}
+        for _ in range(args.repeats):
+            plain = serve(_core(reg, True), "concise-formal", None, prompts, args.tokens, c, None)
+            runs["no speculation"].append(plain)
+            for k in (2, 4):
+                got = serve(_core(reg, True), "concise-formal", None, prompts, args.tokens, c,
+                            SpeculativeSpec("smollm2", k))
+                assert got["out"] == plain["out"]
+                runs[f"draft smollm2 k={k}"].append(got)
+        rows += [{"section": f"drafter, concurrency {c}", **r} for r in _compare(runs, "no speculation")]
+    return rows
+
+
+def section_crossover(args, reg) -> list[dict]:
+    rows = []
+    prompts = _chat(COPY * 4)
+    for c in (1, 2, 4, 8, 16):
+        runs: dict[str, list[dict]] = {"no speculation": [], "ngram k=4": []}
+        for _ in range(max(1, args.repeats - 1)):
+            runs["no speculation"].append(serve(_core(reg, True), "concise-formal", None, prompts[:max(c, 4)],
+                                                args.tokens // 2, c, None))
+            runs["ngram k=4"].append(serve(_core(reg, True), "concise-formal", None, prompts[:max(c, 4)],
+                                           args.tokens // 2, c, SpeculativeSpec("ngram", 4)))
+        rows += [{"section": f"crossover, concurrency {c}", **r} for r in _compare(runs, "no speculation")]
+    return rows
+
+
+def _proxy_models(root) -> tuple[dict, object]:
+    """(name -> model, tokenizer): ``large`` (36 layers), ``tuned`` and ``untuned`` (2 layers), module docstring."""
+    from pathlib import Path
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from benchmarks.models import build_bench_tokenizer
+
+    tok_dir = Path(root) / "tokenizer-8k"
+    if not (tok_dir / "tokenizer.json").exists():
+        build_bench_tokenizer(tok_dir, vocab_size=8000)
+    tok = load_tokenizer(tok_dir)
+
+    def config(layers):
+        return LlamaConfig(vocab_size=8000, hidden_size=256, intermediate_size=1024, num_hidden_layers=layers,
+                           num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
+                           bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=False)
+
+    torch.manual_seed(0)
+    untuned = LlamaForCausalLM(config(2)).eval()
+    tuned = LlamaForCausalLM(config(2)).eval()
+    tuned.load_state_dict(untuned.state_dict())
+    large = LlamaForCausalLM(config(36)).eval()
+    with torch.no_grad():
+        for p in tuned.parameters():  # a fine-tune: the same model, a little moved
+            p.add_(torch.randn_like(p) * 0.1 * p.std().clamp_min(1e-3))
+        state = large.state_dict()
+        for name, value in untuned.state_dict().items():
+            state[name] = value.clone()  # embeddings, lm_head, final norm, layers 0-1
+        for i in range(2, 36):
+            for part in ("self_attn.o_proj", "mlp.down_proj"):
+                state[f"model.layers.{i}.{part}.weight"] *= 0.02
+        large.load_state_dict(state)
+    return {"large": large, "tuned": tuned, "untuned": untuned}, tok
+
+
+def section_proxy(args) -> list[dict]:
+    from benchmarks.models import DEFAULT_CACHE_DIR
+
+    models, tok = _proxy_models(DEFAULT_CACHE_DIR.parent / "bench-proxy")
+    reg = registry_from_models(models, tok, max_num_seqs=64)
+    macs = {n: sum(p.numel() for k, p in m.named_parameters() if "embed_tokens" not in k) for n, m in models.items()}
+    prompts = [Prompt(token_ids=tok(p).input_ids) for p in PROMPTS[: args.prompts]]
+    mix = {"weights": {"large": 1.0, "tuned": 1.0, "untuned": -1.0}}
+    runs: dict[str, list[dict]] = {"large alone": [], "mixture": [], "mixture, draft tuned k=4": []}
+    serve(_core(reg, True), "large", mix, prompts[:1], 4, 1, SpeculativeSpec("tuned", 4))  # warm-up
+    for _ in range(args.repeats):
+        runs["large alone"].append(serve(_core(reg, True), "large", None, prompts, args.tokens, 1, None))
+        plain = serve(_core(reg, True), "large", mix, prompts, args.tokens, 1, None)
+        runs["mixture"].append(plain)
+        got = serve(_core(reg, True), "large", mix, prompts, args.tokens, 1, SpeculativeSpec("tuned", 4))
+        assert got["out"] == plain["out"]
+        runs["mixture, draft tuned k=4"].append(got)
+    ratio = macs["large"] / macs["tuned"]
+    return [{"section": f"proxy, {ratio:.1f}:1, concurrency 1", **r} for r in _compare(runs, "large alone")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--sections", default="anchors,proxy,copy,drafter,crossover")
+    ap.add_argument("--out", default="benchmarks/results/speculative_cpu")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    sections = args.sections.split(",")
+    rows: list[dict] = []
+    with torch_threads(args.threads):
+        if "anchors" in sections:
+            rows += section_anchors(args)
+        if "proxy" in sections:
+            rows += section_proxy(args)
+        if {"copy", "drafter", "crossover"} & set(sections):
+            reg = _embedded()
+            if "copy" in sections:
+                rows += section_copy(args, reg)
+            if "drafter" in sections:
+                rows += section_drafter(args, reg)
+            if "crossover" in sections:
+                rows += section_crossover(args, reg)
+    meta = {**machine_info(), "threads": args.threads,
+            "command": "OMP_NUM_THREADS=1 python -m benchmarks.speculative " + shlex.join(sys.argv[1:] if argv is None
+                                                                                          else argv)}
+    table = markdown_table(rows, [("section", "section"), ("contender", "contender"), ("tok_s", "tok/s"),
+                                  ("ratio", "ratio to the first of its section"), ("acceptance", "acceptance")])
+    notes = (f"Greedy, ignore_eos, {args.tokens} new tokens ({args.tokens // 2} in the crossover), medians of "
+             f"{args.repeats} repeats, contenders side by side in each repeat; the ratio is the median of the per-repeat "
+             "ratios of tok/s. Lossless: every speculative contender's tokens equal its section's plain engine's "
+             "(asserted while measuring). "
+             "Acceptance = accepted / drafted tokens.")
+    md, _ = write_report(args.out, "Speculative decoding of mixtures and policy-parallel steps (CPU)", meta, table,
+                         {"rows": rows}, notes)
+    print(md.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
