@@ -3,8 +3,9 @@
 Builds Qwen2-style policies from real configurations with random bf16 weights directly on the GPU
 and measures, in one run: the engine's mixing overhead (K-policy mixture over the sum of the K alone)
 at several concurrencies, single-policy and three-policy throughput against the proxy-tuning loop
-(three sequential HF forwards with past_key_values, static batch), and the memory-bandwidth floor
-(sum of weight bytes / bandwidth per step). Prints a short table last; full JSON goes to $OUT.
+(three sequential HF forwards with past_key_values, static batch), the memory-bandwidth floor
+(sum of weight bytes / bandwidth per step), and for the 7B shape the cost of a speculative
+verification forward over k + 1 positions against a one-position decode step. Prints a short table last; full JSON goes to $OUT.
 """
 
 from __future__ import annotations
@@ -149,6 +150,32 @@ def graphs_vs_dynamic(models, tok, prompts, max_new=32) -> dict:
             "speedup": d["wall_s"] / g["wall_s"], "graph_captures": g["captures"]}
 
 
+@torch.inference_mode()
+def verify_cost(model, vocab: int, context: int = 128, ks=(2, 4, 8), iters: int = 20) -> dict:
+    """Speculative decoding's verification: the time of a forward over k + 1 new positions against a
+    one-position decode step, batch 1, after a ``context``-token prefill (the cache cropped back each time)."""
+    from transformers import DynamicCache
+
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(4, vocab, (1, context + max(ks) + 1), generator=g).to(DEVICE)
+    cache = DynamicCache()
+    model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True)
+    out = {}
+    for q in (1, *[k + 1 for k in ks]):
+        times = []
+        for i in range(iters + 3):
+            _sync()
+            t = time.perf_counter()
+            model(input_ids=ids[:, context:context + q], past_key_values=cache, use_cache=True, logits_to_keep=q)
+            _sync()
+            if i >= 3:
+                times.append(time.perf_counter() - t)
+            cache.crop(context)
+        out[q] = sorted(times)[len(times) // 2] * 1e3
+    return {"decode_ms": out[1], **{f"verify_k{k}_ms": out[k + 1] for k in ks},
+            **{f"ratio_k{k}": out[k + 1] / out[1] for k in ks}}
+
+
 def main() -> int:
     from benchmarks.engine_bench import mixing_overhead, registry_from_models, run_engine
 
@@ -176,6 +203,10 @@ def main() -> int:
             break
         models = build(shape, n_pol)
         tok = wordlevel_tokenizer(SHAPES[shape]["vocab_size"])
+        if shape in ("qwen2-7b", "tiny"):
+            vc = verify_cost(models["p0"], SHAPES[shape]["vocab_size"])
+            results.setdefault("verify_cost", {})[shape] = vc
+            print("verification forward vs decode step:", shape, json.dumps(vc), flush=True)
         g0 = torch.Generator().manual_seed(1)
         if shape != "qwen2-7b":
             try:
