@@ -123,6 +123,8 @@ def test_greedy_and_seeds_hold_with_16_concurrent_requests(tiny_registry):
         kw.update(temperature=0) if i % 3 else kw.update(temperature=0.9, seed=100 + i, top_k=20)
         if i == 5:
             kw.update(n=2, temperature=1.0, seed=7)
+        if i == 9:  # best-of: three candidates drafted and verified, the best returned
+            kw.update(best_of=3, temperature=1.0, seed=9)
         settings.append((model, mixture, f"{PROMPT} {i}", kw))
     alone = []
     for model, mixture, prompt, kw in settings:

@@ -141,6 +141,12 @@ class EngineCore:
     def has_work(self) -> bool:
         return self.scheduler.has_work() or self.outputs.has_work()
 
+    def close(self) -> None:
+        """Stop the helper threads (reward-model scoring, policy-parallel forwards)."""
+        self.outputs.close()
+        if self.parallel is not None:
+            self.parallel.shutdown(wait=False)
+
     def fail_all(self, message: str) -> None:
         """Answer every request inside with an error (shutdown, or a dead loop: the core may be broken)."""
         self.scheduler.fail_all(message)

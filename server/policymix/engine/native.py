@@ -135,7 +135,7 @@ class NativeEngine(RegistryEngineClient):
         self._wake.set()
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 5.0)
-        self.core.outputs.close()
+        self.core.close()
 
     # ----- the loop ----------------------------------------------------------------------------
 
