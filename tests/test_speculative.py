@@ -320,3 +320,14 @@ def test_config_names_the_bad_draft():
         parse_config({"policies": {"a": {"path": "x"}}, "server": {"speculative": {"draft": "nope"}}})
     with pytest.raises(ConfigError, match=r"server.speculative.num_tokens"):
         parse_config({"policies": {"a": {"path": "x"}}, "server": {"speculative": {"draft": "ngram", "num_tokens": 0}}})
+
+
+def test_vllm_engine_with_a_speculative_default_fails_at_start(tiny_config):
+    from policymix.cli import CliError, make_engine
+
+    data = tiny_config.model_dump(mode="json", exclude={"base_dir"})
+    data["server"]["speculative"] = {"draft": "ngram"}
+    from policymix.config import parse_config
+
+    with pytest.raises(CliError, match=r"^server.speculative: .*--engine native"):
+        make_engine("vllm", parse_config(data))

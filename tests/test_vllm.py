@@ -567,3 +567,14 @@ def test_http_signals_and_best_of(sdk):
     ext = best.model_extra["policymix"]
     assert len(ext["candidates"]) == 3
     assert best.choices[0].text == max(ext["candidates"], key=lambda c: c["score"])["text"]
+
+
+def test_speculative_is_refused_on_vllm_naming_the_field(vengine):
+    """vLLM's speculative decoding verifies against one model, not the mixture (docs/vllm.md): a 400."""
+    from policymix.engine.protocol import SpeculativeSpec
+
+    req = request(vengine, max_tokens=4)
+    req.speculative = SpeculativeSpec("ngram", 2)
+    with pytest.raises(PolicymixError) as err:
+        vengine.plan(req)
+    assert err.value.param == "speculative" and "--engine native" in err.value.message
