@@ -61,7 +61,7 @@ def sample_rows(mixed: torch.Tensor, rows: list[RowSampling]) -> list[int]:
                 tokens[rest[k]] = tok
         if drawn:
             sub = [todo[k] for k in drawn]
-            for k, tok in zip(drawn, _draw(filtered_logits(x[_long(drawn, x.device)], [r.params for r in sub]),
+            for k, tok in zip(drawn, draw(filtered_logits(x[_long(drawn, x.device)], [r.params for r in sub]),
                                            [r.generator for r in sub])):
                 tokens[rest[k]] = tok
     return tokens
@@ -153,7 +153,7 @@ def argmax_rows(x: torch.Tensor, block: int = 256) -> torch.Tensor:
     return idx
 
 
-def _draw(x: torch.Tensor, generators: list[torch.Generator]) -> list[int]:
+def draw(x: torch.Tensor, generators: list[torch.Generator]) -> list[int]:
     """Inverse-CDF draws from softmax(x) [R, V], one uniform per row from that row's generator."""
     probs = torch.softmax(x.float(), dim=-1)
     cdf = probs.cumsum(-1)

@@ -33,7 +33,7 @@ import torch
 
 from .protocol import SamplingParams
 from .runner import PolicyRunner
-from .sampler import _draw, argmax_rows, filtered_logits
+from .sampler import argmax_rows, draw, filtered_logits
 from .sequence import Lane, RequestState, Sequence
 
 log = logging.getLogger("policymix.engine")
@@ -89,7 +89,7 @@ def accept(x: torch.Tensor, drafts: list[int], draft_probs: torch.Tensor | None,
     q = torch.softmax(x.float(), dim=-1)
     for j, d in enumerate(drafts):
         if draft_probs is None:  # a point mass: one inverse-CDF draw from q decides (module docstring)
-            y = _draw(x[j: j + 1], [generator])[0]
+            y = draw(x[j: j + 1], [generator])[0]
             if y != d:
                 return [*drafts[:j], y], j
             continue
@@ -100,8 +100,8 @@ def accept(x: torch.Tensor, drafts: list[int], draft_probs: torch.Tensor | None,
         residual = (q[j] - p).clamp_min(0.0)
         if not float(residual.sum()) > 0.0:  # q <= p everywhere only when q == p (up to rounding): draw from q
             residual = q[j]
-        return [*drafts[:j], _draw(residual.log()[None], [generator])[0]], j
-    return [*drafts, _draw(x[k: k + 1], [generator])[0]], k
+        return [*drafts[:j], draw(residual.log()[None], [generator])[0]], j
+    return [*drafts, draw(x[k: k + 1], [generator])[0]], k
 
 
 def draft_scores(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -178,7 +178,7 @@ class Speculator:
                 picked.update(zip(greedy, argmax_rows(logits[greedy]).tolist()))
             if drawn:
                 p = draft_scores(logits[drawn], [lanes[i].seq.request.sampling for i in drawn])
-                toks = _draw(p.log(), [lanes[i].seq.generator for i in drawn])
+                toks = draw(p.log(), [lanes[i].seq.generator for i in drawn])
                 for r, i in enumerate(drawn):
                     picked[i] = toks[r]
                     probs[lanes[i].seq].append(p[r])
