@@ -331,3 +331,28 @@ def test_vllm_engine_with_a_speculative_default_fails_at_start(tiny_config):
 
     with pytest.raises(CliError, match=r"^server.speculative: .*--engine native"):
         make_engine("vllm", parse_config(data))
+
+
+def test_penalties_min_tokens_and_prompt_logprobs_per_verified_position(tiny_registry):
+    """Each verified position is processed as its own step: repetition / presence / frequency penalties and
+    logit_bias see the drafts before it, min_tokens blocks EOS by position; prompt logprobs come first."""
+    from engine_helpers import formula_greedy
+
+    core = EngineCore(tiny_registry)
+    mix = {"weights": {"base": 1.0, "dpo": 0.4}}
+    pen = dict(repetition_penalty=1.3, presence_penalty=0.2, frequency_penalty=0.3)
+    kw = dict(max_tokens=20, temperature=0, ignore_eos=True, **pen)
+    plain = _run(core, "base", mix, **kw)
+    state = core.render(make_request(core, "base", mix, PROMPT, **kw))
+    assert plain.tokens() == formula_greedy(tiny_registry, state.weights, state.prompts, "base", 20, 1.3, 0.2, 0.3)
+    for spec in DRAFTS:
+        assert _run(core, "base", mix, speculative=spec, **kw).tokens() == plain.tokens(), spec
+    eos = sorted(tiny_registry.policies["base"].eos_ids)[0]
+    kw = dict(max_tokens=16, temperature=0, min_tokens=6, logit_bias={eos: 30.0}, prompt_logprobs=2)
+    plain = _run(core, "base", mix, **kw)
+    assert len(plain.tokens()) == 7 and plain.tokens()[-1] == eos  # EOS blocked until 6 tokens, then taken
+    for spec in DRAFTS:
+        got = _run(core, "base", mix, speculative=spec, **kw)
+        assert got.tokens() == plain.tokens(), spec
+        assert [e and e.logprob for e in got.prompt.logprobs] == pytest.approx(
+            [e and e.logprob for e in plain.prompt.logprobs], abs=1e-4)
