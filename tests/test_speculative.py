@@ -15,7 +15,7 @@ from api_helpers import LiveServer
 from engine_helpers import make_request, oracle_mixed_logprobs, run_until_done, submit
 from policymix.engine.core import EngineCore
 from policymix.engine.protocol import SpeculativeSpec
-from policymix.engine.speculative import accept, ngram_propose
+from policymix.engine.speculative import CostModel, accept, ngram_propose
 from policymix.errors import PolicymixError
 
 RECIPES = [
@@ -29,6 +29,13 @@ RECIPES = [
 ]
 DRAFTS = [SpeculativeSpec("ngram", 4), SpeculativeSpec("base", 3), SpeculativeSpec("small", 2)]
 PROMPT = "one two three four one two three four one two"  # prompt lookup finds continuations at once
+
+
+def _core(registry) -> EngineCore:
+    """An engine that drafts ``num_tokens`` every round (the measured-cost choice of k has its own tests)."""
+    core = EngineCore(registry)
+    core.speculator.adaptive = False
+    return core
 
 
 def _run(core, model, mixture, prompt=PROMPT, **kw):
@@ -63,7 +70,7 @@ def test_accept_rule_greedy_and_point_mass():
 def test_greedy_equals_no_speculation_and_the_oracle(tiny_registry, model, mixture):
     """Every recipe and drafter: the same tokens, logprobs and signals as without drafts, and the oracle's
     greedy tokens; the drafts are really verified (some accepted, some rejected over the recipes)."""
-    core = EngineCore(tiny_registry)
+    core = _core(tiny_registry)
     kw = dict(max_tokens=24, temperature=0, ignore_eos=True, logprobs=3)
     plain = _run(core, model, mixture, **kw)
     state = core.render(make_request(core, model, mixture, PROMPT, **kw))
@@ -87,7 +94,7 @@ def test_greedy_equals_no_speculation_and_the_oracle(tiny_registry, model, mixtu
 
 def test_signals_stops_and_limits_per_accepted_token(tiny_registry):
     """Token signals, stop ids, stop strings and max_tokens act on each accepted token as without drafts."""
-    core = EngineCore(tiny_registry)
+    core = _core(tiny_registry)
     mix = {"weights": {"base": 1.0, "dpo": 0.2}}
     kw = dict(max_tokens=20, temperature=0, ignore_eos=True, return_token_signals=True, return_policy_logprobs=True)
     plain = _run(core, "base", mix, **kw)
@@ -128,10 +135,10 @@ def test_greedy_and_seeds_hold_with_16_concurrent_requests(tiny_registry):
         settings.append((model, mixture, f"{PROMPT} {i}", kw))
     alone = []
     for model, mixture, prompt, kw in settings:
-        core = EngineCore(tiny_registry)
+        core = _core(tiny_registry)
         col = _run(core, model, mixture, prompt, **kw)
         alone.append([col.tokens(i) for i in range(kw.get("n", 1))])
-    core = EngineCore(tiny_registry)
+    core = _core(tiny_registry)
     cols = [submit(core, make_request(core, m, mx, p, **kw)) for m, mx, p, kw in settings]
     run_until_done(core, cols)
     for col, (_, _, _, kw), want in zip(cols, settings, alone):
@@ -173,7 +180,7 @@ def _draws(core, mixture, prompt, n, **kw):
 def test_sampling_with_a_disagreeing_draft_policy_follows_q(tiny_registry):
     """The first token's frequencies match q although the draft policy often disagrees (both acceptance and
     rejection happen), and the token after it matches q given the first."""
-    core = EngineCore(tiny_registry)
+    core = _core(tiny_registry)
     mix, T, k = {"weights": {"base": 0.6, "dpo": 0.6}}, 0.8, 6
     kw = dict(max_tokens=2, temperature=T, top_k=k, ignore_eos=True, speculative=SpeculativeSpec("dpo", 1))
     cols = _draws(core, mix, "The quick", 2000, **kw)
@@ -190,7 +197,7 @@ def test_sampling_with_a_disagreeing_draft_policy_follows_q(tiny_registry):
 def test_sampling_after_an_accepted_and_a_rejected_ngram_draft_follows_q(tiny_registry):
     """Prompt lookup drafts a known token d: runs whose first token is d accepted it (their second token is the
     verified bonus), the others rejected it; either way the second token follows q given the first."""
-    core = EngineCore(tiny_registry)
+    core = _core(tiny_registry)
     tok = tiny_registry.policies["base"].tokenizer
     ids = tok("alpha beta gamma delta alpha beta").input_ids
     d = ngram_propose(ids, 1)[0]
@@ -216,7 +223,7 @@ def test_sampling_after_an_accepted_and_a_rejected_ngram_draft_follows_q(tiny_re
 def test_adaptive_switch_and_seeded_requests(tiny_registry):
     """Above max_concurrency nobody drafts, except seeded requests with a draft policy (their tokens would
     otherwise depend on the load); below it everyone does."""
-    core = EngineCore(tiny_registry)
+    core = _core(tiny_registry)
     core.speculator.max_concurrency = 3
     kw = dict(max_tokens=10, ignore_eos=True, temperature=1.0)
     crowd = [submit(core, make_request(core, "base", None, PROMPT, speculative=SpeculativeSpec("base", 2), **kw))
@@ -226,7 +233,7 @@ def test_adaptive_switch_and_seeded_requests(tiny_registry):
     run_until_done(core, [*crowd, seeded])
     assert all(c.done.sequences[0].speculative["drafted"] == 0 for c in crowd)
     assert seeded.done.sequences[0].speculative["drafted"] > 0
-    core = EngineCore(tiny_registry)
+    core = _core(tiny_registry)
     core.speculator.max_concurrency = 3
     alone = _run(core, "base", None, speculative=SpeculativeSpec("base", 2), seed=3, **kw)
     assert alone.tokens() == seeded.tokens()
@@ -236,8 +243,51 @@ def test_adaptive_switch_and_seeded_requests(tiny_registry):
     assert all(c.done.sequences[0].speculative["drafted"] > 0 for c in few)
 
 
-def test_no_cache_growth_over_waves(tiny_registry):
+class _Fixed:
+    def __init__(self, value):
+        self.value = value
+
+    def add(self, x):  # measured costs are ignored: the test sets them
+        pass
+
+
+class FixedCosts(CostModel):
+    def __init__(self, plain: float, verify: float, draft: dict[str, float]):
+        super().__init__()
+        self.plain, self.verify = _Fixed(plain), _Fixed(verify)
+        self.draft = {name: _Fixed(v) for name, v in draft.items()}
+
+    def explore(self):
+        return False
+
+
+def test_cost_model_picks_the_k_with_most_tokens_per_second():
+    costs = FixedCosts(plain=1.0, verify=1.2, draft={"big": 1.0, "tiny": 0.05})
+    assert costs.best_k(0, 0, 4, "big") == 0  # as costly as a step: never pays, even if always accepted
+    assert costs.best_k(1000, 0, 4, "big") == 0
+    assert costs.best_k(0, 0, 4, "tiny") >= 1  # the prior (1/2) pays with a cheap drafter
+    assert costs.best_k(0, 200, 4, "tiny") == 0  # nothing accepted so far: stop drafting
+    assert costs.best_k(500, 10, 8, None) == 8  # prompt lookup costs nothing: draft all, it is accepted
+    # expected tokens per second of k drafts: (1 - a^(k+1)) / (1 - a) / (k * draft + verify), here a = 0.8
+    best = max(range(1, 9), key=lambda k: (1 - 0.8 ** (k + 1)) / 0.2 / (k * 0.05 + 1.2))
+    assert costs.best_k(799, 199, 8, "tiny") == best  # (799 + 1) / (799 + 199 + 2) = 0.8
+
+
+def test_adaptive_drafting_follows_the_measured_costs(tiny_registry):
     core = EngineCore(tiny_registry)
+    assert core.speculator.adaptive
+    core.speculator.costs = FixedCosts(plain=1.0, verify=1.2, draft={"small": 1.0, "base": 0.05})
+    kw = dict(max_tokens=16, temperature=0, ignore_eos=True)
+    costly = _run(core, "base", None, speculative=SpeculativeSpec("small", 4), **kw)
+    cheap = _run(core, "base", None, speculative=SpeculativeSpec("base", 4), **kw)
+    plain = _run(core, "base", None, **kw)
+    assert costly.done.sequences[0].speculative["drafted"] == 0  # never worth it
+    assert cheap.done.sequences[0].speculative["accepted"] > 0  # the target itself drafts: all accepted
+    assert costly.tokens() == cheap.tokens() == plain.tokens()
+
+
+def test_no_cache_growth_over_waves(tiny_registry):
+    core = _core(tiny_registry)
     sizes = []
     for wave in range(4):
         cols = [submit(core, make_request(core, "base", {"weights": {"base": 1.0, "dpo": 0.3}}, f"{PROMPT} {i}",
@@ -250,7 +300,7 @@ def test_no_cache_growth_over_waves(tiny_registry):
 
 
 def test_bad_drafts_are_refused_naming_the_field(tiny_registry):
-    core = EngineCore(tiny_registry)
+    core = _core(tiny_registry)
     for spec, param in [(SpeculativeSpec("nope", 2), "speculative.draft"), (SpeculativeSpec("other", 2),
                         "speculative.draft"), (SpeculativeSpec("rm", 2), "speculative.draft"),
                         (SpeculativeSpec("ngram", 0), "speculative.num_tokens")]:
@@ -266,7 +316,7 @@ def server(tiny_registry, tiny_config):
     from policymix.engine.native import NativeEngine
 
     data = tiny_config.model_dump(mode="json", exclude={"base_dir"})
-    data["server"]["speculative"] = {"draft": "ngram", "num_tokens": 3, "max_concurrency": 8}
+    data["server"]["speculative"] = {"draft": "ngram", "num_tokens": 3, "max_concurrency": 8, "adaptive": False}
     cfg = parse_config(data)
     with LiveServer(build_app(NativeEngine(tiny_registry), cfg, env={})) as srv:
         yield srv
@@ -338,7 +388,7 @@ def test_penalties_min_tokens_and_prompt_logprobs_per_verified_position(tiny_reg
     logit_bias see the drafts before it, min_tokens blocks EOS by position; prompt logprobs come first."""
     from engine_helpers import formula_greedy
 
-    core = EngineCore(tiny_registry)
+    core = _core(tiny_registry)
     mix = {"weights": {"base": 1.0, "dpo": 0.4}}
     pen = dict(repetition_penalty=1.3, presence_penalty=0.2, frequency_penalty=0.3)
     kw = dict(max_tokens=20, temperature=0, ignore_eos=True, **pen)

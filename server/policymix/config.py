@@ -143,6 +143,7 @@ class SpeculativeConfig(_Strict):
     draft: str  # a served policy of the mixture's tokenizer family, or "ngram" (prompt lookup)
     num_tokens: int = Field(default=4, ge=1, le=16)  # drafted per round
     max_concurrency: int = Field(default=8, ge=1)  # above this many running sequences, no drafting
+    adaptive: bool = True  # each step drafts the k (0..num_tokens) with the most tokens per measured second
 
 
 class ServerSpec(_Strict):

@@ -83,7 +83,8 @@ class EngineCore:
                                             cpu_linear=srv.cpu_linear, slots=1, capacity=16)
                          for name, r in self.runners.items()}
         spec = srv.speculative
-        self.speculator = Speculator(self.drafters, spec.max_concurrency if spec else DEFAULT_MAX_CONCURRENCY)
+        self.speculator = Speculator(self.drafters, spec.max_concurrency if spec else DEFAULT_MAX_CONCURRENCY,
+                                     spec.adaptive if spec else True)
         kv_budget = {n: srv.kv_budget_tokens or srv.max_num_seqs * registry.max_model_len(p.family)
                      for n, p in registry.policies.items()}
         self.scheduler = Scheduler({**self.runners, **{r.name: r for r in self.drafters.values()}}, kv_budget,
@@ -166,7 +167,9 @@ class EngineCore:
         self.steps += 1
         prompt_scoring.plan_chunks(self.scheduler.running)
         drafts = self._draft()
+        t = time.perf_counter()
         logits = self._forward()
+        self.speculator.costs.step(time.perf_counter() - t, verified=bool(drafts))
         outputs: list[StepOutput] = []
         for states in self._by_family().values():
             try:

@@ -141,6 +141,7 @@ class Sequence(SequenceOutput):
     score_prompt: bool = False  # its prefill is being scored (prompt logprobs): not sampled until it ends
     score_left: int = 0  # scored tokens whose predictors are still unfed (the same at every policy's end)
     chunk_end: int = 0  # tokens this step leaves unfed at the end of every policy's context
+    rejected: int = 0  # speculative rounds that ended on a rejected draft (with ``accepted``: its acceptance rate)
 
 
 @dataclass(eq=False)

@@ -22,11 +22,18 @@ else y is the replacement), which is that rule exactly and consumes one uniform 
 without speculation: a seeded request gives the same tokens with n-gram drafting on or off, under any load.
 With a draft policy the draws differ from a step's, so the adaptive switch (no drafting above
 ``max_concurrency`` running sequences) leaves seeded sequences speculating: their tokens never depend on load.
+
+How many tokens to draft (``CostModel``): a round of k drafts emits (1 - a^(k+1)) / (1 - a) tokens on
+average, a = the sequence's acceptance rate so far (Leviathan et al.), and costs k draft steps plus one
+verification step, measured online against a plain step. Each step drafts the k that maximises tokens per
+second, or nothing when no k beats a plain step: a draft policy as costly as the mixture's own policies
+is then not used, and speculation is never much slower than none. (Seeded sequences with a draft policy
+always draft ``num_tokens``: a k chosen from timings would make their tokens depend on the machine.)
 """
 
 from __future__ import annotations
 
-import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -36,11 +43,10 @@ from .runner import PolicyRunner
 from .sampler import argmax_rows, draw, filtered_logits
 from .sequence import Lane, RequestState, Sequence
 
-log = logging.getLogger("policymix.engine")
-
 DRAFT_STREAM = "<draft>"  # the lane key of a sequence's context in its draft policy's drafter runner
 NGRAM_MAX, NGRAM_MIN = 4, 2  # prompt lookup: the longest suffix of 4 down to 2 tokens that occurred before
 DEFAULT_MAX_CONCURRENCY = 8  # when requests ask for speculation and the config sets no default
+EXPLORE_EVERY = 32  # steps: a plain step (no drafts) at least this often keeps the plain-step time current
 
 
 def drafter_key(policy: str) -> str:
@@ -109,12 +115,54 @@ def draft_scores(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Te
     return torch.softmax(filtered_logits(logits, params), dim=-1)
 
 
+class _Ema:
+    def __init__(self, weight: float = 0.1):
+        self.value: float | None = None
+        self.weight = weight
+
+    def add(self, x: float) -> None:
+        self.value = x if self.value is None else self.value + self.weight * (x - self.value)
+
+
+class CostModel:
+    """Online step costs: the forwards of a plain step and of a verifying step, and each drafter's step."""
+
+    def __init__(self):
+        self.plain, self.verify = _Ema(), _Ema()  # seconds of a step's forwards
+        self.draft: dict[str, _Ema] = {}  # drafter policy -> seconds of one drafting step
+        self.since_plain = 0  # steps since the last plain one
+
+    def step(self, seconds: float, verified: bool) -> None:
+        (self.verify if verified else self.plain).add(seconds)
+        self.since_plain = self.since_plain + 1 if verified else 0
+
+    def explore(self) -> bool:
+        """Time for a plain step, to keep its cost current (while verifying steps are what runs)."""
+        return self.plain.value is None or self.since_plain >= EXPLORE_EVERY
+
+    def best_k(self, accepted: int, rejected: int, k_max: int, drafter: str | None) -> int:
+        """The k in 0..k_max with the most expected tokens per second (0: draft nothing now)."""
+        plain, verify = self.plain.value, self.verify.value
+        draft = 0.0 if drafter is None else self.draft.get(drafter, _Ema()).value
+        if plain is None or verify is None or draft is None:
+            return k_max  # not measured yet: draft, and measure
+        a = min((accepted + 1) / (accepted + rejected + 2), 0.99)  # acceptance per drafted token, prior 1/2
+        best, rate = 0, 1.0 / plain
+        for k in range(1, k_max + 1):
+            r = (1 - a ** (k + 1)) / (1 - a) / (k * draft + verify)
+            if r > rate:
+                best, rate = k, r
+        return best
+
+
 class Speculator:
     """Decides who speculates this step and drafts for them (the core verifies and accepts)."""
 
-    def __init__(self, drafters: dict[str, PolicyRunner], max_concurrency: int):
+    def __init__(self, drafters: dict[str, PolicyRunner], max_concurrency: int, adaptive: bool = True):
         self.drafters = drafters  # policy -> its drafter runner (own cache, same weights)
         self.max_concurrency = max_concurrency
+        self.adaptive = adaptive  # choose k by the measured costs (CostModel); else always num_tokens
+        self.costs = CostModel()
         self.rounds = 0  # steps that verified drafts, and the draft tokens verified and accepted (metrics)
         self.drafted = 0
         self.accepted = 0
@@ -122,6 +170,7 @@ class Speculator:
     def propose(self, states: list[RequestState]) -> dict[Sequence, Draft]:
         """Draft for every sequence that speculates this step and mark its lanes for verification."""
         live = sum(1 for st in states for s in st.sequences if not s.finished)
+        explore = self.adaptive and self.costs.explore()
         todo: dict[Sequence, int] = {}  # sequence -> tokens to draft
         for st in states:
             spec = st.plan.speculative
@@ -129,10 +178,12 @@ class Speculator:
             if spec is None or not (st.forked or st.best_of == 1):
                 continue
             exempt = st.sampling.seed is not None and not spec.ngram  # module docstring: seeded, policy drafts
-            if live > self.max_concurrency and not exempt:
+            if (live > self.max_concurrency or explore) and not exempt:
                 continue
             for seq in st.sequences:
                 k = min(spec.num_tokens, st.sampling.max_tokens - len(seq.output_ids) - 1)
+                if self.adaptive and not exempt and k > 0:
+                    k = self.costs.best_k(seq.accepted, seq.rejected, k, None if spec.ngram else spec.draft)
                 if not (seq.finished or seq.score_prompt or k < 1):
                     todo[seq] = k
         drafts: dict[Sequence, Draft] = {}
@@ -167,8 +218,12 @@ class Speculator:
         steps = max(todo[s] for s in seqs)
         tokens: dict[Sequence, list[int]] = {s: [] for s in seqs}
         probs: dict[Sequence, list[torch.Tensor]] = {s: [] for s in seqs}
+        cost = self.costs.draft.setdefault(runner.name.removesuffix(DRAFT_STREAM), _Ema())
         for j in range(steps):
+            t = time.perf_counter()
             logits = runner.forward()  # [B, V], slot order (lanes do not move within a step)
+            if j:  # (the first step also catches up on the context: not a drafting step's cost)
+                cost.add(time.perf_counter() - t)
             # a sequence draws its own k tokens only (the uniforms it consumes must not depend on its batch)
             rows = [i for i, lane in enumerate(lanes) if lane.seq in tokens and len(tokens[lane.seq]) < todo[lane.seq]]
             greedy = [i for i in rows if lanes[i].seq.request.sampling.temperature == 0.0]
@@ -201,6 +256,7 @@ class Speculator:
         """After acceptance: every lane keeps the accepted prefix and is fed the round's last token."""
         seq.drafted += len(draft.tokens)
         seq.accepted += accepted
+        seq.rejected += accepted < len(draft.tokens)
         self.drafted += len(draft.tokens)
         self.accepted += accepted
         plan = seq.request.plan
