@@ -158,6 +158,7 @@ class ServerSpec(_Strict):
     cpu_linear: Literal["onednn", "torch"] = "onednn"
     guard: GuardSpec = Field(default_factory=GuardSpec)
     log_prompts: bool = False
+    playground: bool = True  # the browser playground at /playground (static files; calls this API)
 
 
 class Config(_Strict):
