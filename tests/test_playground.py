@@ -275,7 +275,7 @@ def test_columns_stream_the_api_text_and_explain_each_token(server, browser):
     assert close(shown_kl, signal["kl"]) and close(shown_reward, signal["implicit_reward"])
     assert f"mixed logprob {logprobs['token_logprobs'][i]:.4f}" in why.find_element("css selector", "h4").text
     top = sorted(logprobs["top_logprobs"][i].items(), key=lambda kv: -kv[1])[:5]
-    shown_top = page.tables(why, "top")
+    shown_top = page.tables(why, "alternatives")
     assert len(shown_top) == 5
     for (tok, lp), (shown_tok, shown_lp, _) in zip(top, shown_top):
         assert close(shown_lp, lp)

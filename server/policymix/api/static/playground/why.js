@@ -133,7 +133,7 @@ export class Answer {
     const s = this.signals ? this.signals[i] : null;
     const box = el("div", { class: "token-why", "data-index": String(i) });
     box.append(el("h4", {}, `Token ${i + 1}: `, el("code", { class: "token-text", text: visible(t.token) }),
-                  ` mixed logprob ${fmt(t.logprob)}`));
+                  ` · mixed logprob ${fmt(t.logprob)}`));
     if (s) {
       let score = 0;
       const rows = Object.entries(s.policy_logprobs).map(([p, lp]) => {
@@ -152,7 +152,7 @@ export class Answer {
     const top = t.top.slice(0, 5);
     box.append(table("Mixed top-5 alternatives (log_softmax of s)", ["token", "logprob", "probability"],
       top.map(([tok, lp]) => ({ cls: tok === t.token ? "chosen" : "",
-                                cells: [visible(tok), fmt(lp), `${(100 * Math.exp(lp)).toFixed(1)}%`] })), "top"));
+                                cells: [visible(tok), fmt(lp), `${(100 * Math.exp(lp)).toFixed(1)}%`] })), "alternatives"));
     return box;
   }
 
@@ -188,6 +188,8 @@ export class Answer {
       svg.append(m);
     }
     const range = (r) => (r ? `from ${fmt(r[0], 2)} to ${fmt(r[1], 2)}` : "not available");
+    this.chart.querySelector(".kl-key").textContent = `KL(q ‖ ref) per token, ${range(kl)}`;
+    this.chart.querySelector(".reward-key").textContent = `implicit reward per token, ${range(rw)}`;
     svg.setAttribute("aria-label", `Chart over ${sig.length} tokens: KL to the reference ${range(kl)}; implicit reward ${range(rw)}`);
   }
 
