@@ -159,6 +159,12 @@ class Page:
         box.clear()
         box.send_keys(str(value))
 
+    def slider(self, i: int, value: float) -> None:
+        """The column's only unnamed slider (alpha, scale, beta')."""
+        box = self.column(i).find_element("css selector", "input.slider-value[data-name='']")
+        box.clear()
+        box.send_keys(str(value))
+
     def keep_columns(self, n: int) -> None:
         while len(self.columns()) > n:
             self.columns()[-1].find_element("css selector", ".remove").click()
@@ -305,10 +311,54 @@ def test_columns_stream_the_api_text_and_explain_each_token(server, browser):
     assert out.returncode == 0, out.stderr
     assert out.stdout == page.text(col) + "\n" + str(answers[0]["policymix"]["weights"]) + "\n"
 
-    # nothing but the server was asked for anything
+    # the key lives in the page's memory only
+    assert browser.driver.execute_script(
+        "return [localStorage.length, sessionStorage.length, document.cookie]") == [0, 0, ""]
+    # no console error (a request blocked by the page's CSP would be one), and nothing but the
+    # server was asked for anything
+    assert [e for e in browser.driver.get_log("browser") if e["level"] == "SEVERE"] == []
     urls = requested_urls(loading + events + browser.network())
     assert f"{server.url}/playground/app.js" in urls and f"{server.url}/v1/models" in urls
     assert hosts(urls) == {f"127.0.0.1:{server.port}"}
+
+
+def test_four_recipe_forms_compile_as_the_api_does(server, browser):
+    from selenium.webdriver.common.keys import Keys
+
+    page = Page(browser, server)
+    page.keep_columns(1)
+    page.set("endpoint", "completions")
+    page.set("prompt", PROMPT)
+    page.set("max-tokens", 6)
+    page.set("temperature", 0)
+    page.set("best-of", 1)
+    page.recipe(0, "mod", Reference="base")
+    page.weight(0, "dpo", 0.6)
+    small = page.column(0).find_element("css selector", "input[type=range][data-name='small']")
+    for _ in range(8):  # the keyboard moves a slider in steps of 0.05; its number box follows
+        small.send_keys(Keys.ARROW_RIGHT)
+    assert page.column(0).find_element("css selector", "input.slider-value[data-name='small']") \
+        .get_attribute("value") == "0.4"
+    page.recipe(1, "proxy", **{"Large base": "base", "Small tuned": "dpo", "Small untuned": "small"})
+    page.slider(1, 1.5)
+    page.recipe(2, "guidance", Policy="base")
+    page.column(2).find_element("css selector", ".kind-form input[type=text]").send_keys("Answer rudely.")
+    page.recipe(3, "model", Model="balanced")
+    assert not page.d.find_element("id", "add-column").is_enabled()  # 4 columns at most
+    page.run()
+    common = {"prompt": PROMPT, "max_tokens": 6, "temperature": 0, "seed": 1}
+    expected = [
+        {"model": "dpo", "mixture": {"reference": "base", "objectives": {"dpo": 0.6, "small": 0.4}}},
+        {"model": "base", "mixture": {"proxy": {"base": "base", "tuned": "dpo", "untuned": "small", "alpha": 1.5}}},
+        {"model": "base", "mixture": {"guidance": {"policy": "base", "scale": 1.5, "negative_prompt": "Answer rudely."}}},
+        {"model": "balanced"},
+    ]
+    for col, body in zip(page.columns(), expected):
+        sent = snippet_body(col.find_element("css selector", ".snippet-curl").get_attribute("textContent"))
+        assert {k: sent.get(k) for k in body} == body
+        answer = api(server, "completions", {**body, **common}).json()
+        assert page.text(col) == answer["choices"][0]["text"]
+        assert page.shown_weights(col) == pytest.approx(answer["policymix"]["weights"], abs=5e-4)
 
 
 def test_guard_refusal_shows_the_guards_message(server, browser):

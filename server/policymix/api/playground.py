@@ -13,6 +13,7 @@ even by mistake. ``server.playground: false`` leaves these routes out (404).
 from __future__ import annotations
 
 from importlib import resources
+from pathlib import PurePosixPath
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
@@ -33,11 +34,7 @@ _HEADERS = {
 def _static_files() -> dict[str, bytes]:
     """Every file of the page by name, read once (a fixed set: no path from the URL reaches the disk)."""
     folder = resources.files("policymix.api") / "static" / "playground"
-    return {f.name: f.read_bytes() for f in folder.iterdir() if f.is_file() and _suffix(f.name) in _MEDIA}
-
-
-def _suffix(name: str) -> str:
-    return name[name.rfind("."):] if "." in name else ""
+    return {f.name: f.read_bytes() for f in folder.iterdir() if f.is_file() and PurePosixPath(f.name).suffix in _MEDIA}
 
 
 def build_playground_router(config: Config, keys_required: bool) -> APIRouter:
@@ -51,7 +48,7 @@ def build_playground_router(config: Config, keys_required: bool) -> APIRouter:
         body = files.get(name)
         if body is None:
             raise ApiError(404, f"no playground file {name!r}", code="not_found")
-        return Response(body, media_type=_MEDIA[_suffix(name)], headers=_HEADERS)
+        return Response(body, media_type=_MEDIA[PurePosixPath(name).suffix], headers=_HEADERS)
 
     @router.get("")
     async def page() -> Response:
