@@ -77,10 +77,10 @@ export function recipeEditor(root, catalog, guard, preset = {}) {
         const total = sliders.reduce((a, s) => a + Math.abs(s.read()), 0);
         sum.textContent = `sum |w| = ${total.toFixed(2)} (guard bound ${guard.max_sum_abs_weight})`;
       };
-      body.addEventListener("input", update);
+      const set = el("fieldset", {}, el("legend", { text: "Weight per policy (0: not run)" }), ...sliders.map((s) => s.row));
+      set.addEventListener("input", update);
       update();
-      body.append(el("fieldset", {}, el("legend", { text: "Weight per policy (0: not run)" }),
-                     ...sliders.map((s) => s.row)), sum);
+      body.append(set, sum);
       read = () => {
         const weights = {};
         policies.forEach((p, i) => { const w = sliders[i].read(); if (w !== 0) weights[p] = w; });
