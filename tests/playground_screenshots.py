@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("docs/img"))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    browser = Browser(1500, 1750)
+    browser = Browser(1500, 1850)
     d = browser.driver
     try:
         d.get(f"{args.url}/playground")

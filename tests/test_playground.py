@@ -361,6 +361,31 @@ def test_four_recipe_forms_compile_as_the_api_does(server, browser):
         assert page.shown_weights(col) == pytest.approx(answer["policymix"]["weights"], abs=5e-4)
 
 
+def test_chat_with_a_system_prompt_and_context_aware_decoding(server, browser):
+    page = Page(browser, server)
+    page.keep_columns(2)
+    page.set("endpoint", "chat")
+    page.set("system", "Answer formally.")
+    page.set("prompt", "Hello world")
+    page.set("max-tokens", 8)
+    page.set("temperature", 0.8)
+    page.set("seed", 5)
+    page.set("best-of", 1)
+    page.recipe(0, "context_aware", Policy="dpo")
+    page.slider(0, 0.75)
+    page.recipe(1, "model", Model="formal")
+    page.run()
+    messages = [{"role": "system", "content": "Answer formally."}, {"role": "user", "content": "Hello world"}]
+    common = {"messages": messages, "max_tokens": 8, "temperature": 0.8, "seed": 5}
+    expected = [{"model": "dpo", "mixture": {"context_aware": {"policy": "dpo", "alpha": 0.75, "drop": "system"}}},
+                {"model": "formal"}]
+    for col, body in zip(page.columns(), expected):
+        answer = api(server, "chat/completions", {**body, **common}).json()
+        assert page.text(col) == answer["choices"][0]["message"]["content"]
+        assert page.shown_weights(col) == pytest.approx(answer["policymix"]["weights"], abs=5e-4)
+    assert page.shown_weights(page.columns()[0]) == pytest.approx({"dpo": 1.75, "dpo[-system]": -0.75}, abs=5e-4)
+
+
 def test_guard_refusal_shows_the_guards_message(server, browser):
     page = Page(browser, server)
     page.keep_columns(1)

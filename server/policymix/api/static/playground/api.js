@@ -41,6 +41,7 @@ export function requestBody(shared, recipe) {
                  seed: shared.seed };
   if (shared.endpoint === "chat") {
     body.messages = [{ role: "user", content: shared.prompt }];
+    if (shared.system) body.messages.unshift({ role: "system", content: shared.system });
     body.logprobs = true;
     body.top_logprobs = TOP_LOGPROBS;
   } else {

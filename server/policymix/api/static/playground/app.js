@@ -53,7 +53,7 @@ function rerankSpec() {
 }
 
 function shared() {
-  return { endpoint: $("#endpoint").value, prompt: $("#prompt").value,
+  return { endpoint: $("#endpoint").value, prompt: $("#prompt").value, system: $("#system").value.trim(),
            maxTokens: Number($("#max-tokens").value), temperature: Number($("#temperature").value),
            seed: Number($("#seed").value), bestOf: Number($("#best-of").value), rerank: rerankSpec() };
 }

@@ -9,6 +9,7 @@ export const KINDS = {
   dera: "Realignment (DeRa, beta')",
   proxy: "Proxy tuning",
   guidance: "Guidance (CFG)",
+  context_aware: "Context-aware decoding (chat)",
 };
 
 let uid = 0;
@@ -126,6 +127,13 @@ export function recipeEditor(root, catalog, guard, preset = {}) {
       body.append(field("Policy", pol), scale.row, field("Negative prompt", neg));
       read = () => ({ model: pol.value, mixture: { guidance: { policy: pol.value, scale: scale.read(),
                                                               negative_prompt: neg.value || null } } });
+    } else if (k === "context_aware") {
+      const pol = select(policies, policies[0]);
+      const alpha = slider("alpha", { min: -bound, max: bound, step: 0.05, value: 0.5 });
+      const drop = select(["system", "context"], "system");
+      body.append(field("Policy", pol), alpha.row, field("Drop (the contrast without it)", drop));
+      read = () => ({ model: pol.value, mixture: { context_aware: { policy: pol.value, alpha: alpha.read(),
+                                                                   drop: drop.value } } });
     }
   }
   kind.addEventListener("change", build);
