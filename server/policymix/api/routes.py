@@ -9,6 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from ..config import Config
 from .auth import ApiKey, KeyRing, key_dependency
 from .errors import ApiError
+from .playground import build_playground_router
 from .protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -77,4 +78,7 @@ def build_routers(serving: Serving, keys: KeyRing, config: Config) -> list[APIRo
     async def metrics(_: ApiKey | None = Depends(metrics_key)) -> Response:
         return Response(serving.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    return [v1, extras, ops]
+    routers = [v1, extras, ops]
+    if config.server.playground:
+        routers.append(build_playground_router(config, keys_required=keys.enabled))
+    return routers
