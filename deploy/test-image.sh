@@ -4,7 +4,7 @@
 #   2. deploy/Dockerfile.cpu built on it (`podman build --from`), pip set up by deploy/podman/pip.conf,
 #   3. the container run: /health, the image's HEALTHCHECK, a completion, a chat with a mixture,
 #      SIGTERM during a stream (the stream ends cleanly, the container exits 0),
-#   4. docker-compose.yml's `cpu` profile through podman-compose: up, healthy, a completion, down,
+#   4. docker-compose.yml's `cpu` profile through podman-compose: up, healthy, requests, stop, down,
 #   5. everything it made removed (POLICYMIX_PODMAN_KEEP=1 keeps the base, image and store for reruns).
 # Exit 0: passed. Exit 77: skipped, with the reason on the last line ("SKIP: ..."). Else: failed.
 #
@@ -153,9 +153,11 @@ wait_health "$URL" 600 || { podman logs --tail 30 "$ctr"; exit 1; }
 podman healthcheck run "$ctr" >/dev/null || { echo "FAIL: compose's healthcheck says unhealthy"; exit 1; }
 log "compose profile cpu: healthy after $(elapsed $t)s on port $PORT"
 "$PYTHON" "$CONF/smoke.py" requests "$URL"
-(cd "$REPO" && "$PODMAN_COMPOSE" --profile cpu down -v) >>"$WORK/compose.log" 2>&1 \
-    || { cat "$WORK/compose.log"; exit 1; }
+(cd "$REPO" && "$PODMAN_COMPOSE" --profile cpu stop) >>"$WORK/compose.log" 2>&1 || { cat "$WORK/compose.log"; exit 1; }
+code=$(podman inspect "$ctr" --format '{{.State.ExitCode}}')
+[ "$code" = 0 ] || { podman logs --tail 30 "$ctr"; echo "FAIL: exit status $code after podman-compose stop"; exit 1; }
+(cd "$REPO" && "$PODMAN_COMPOSE" --profile cpu down -v) >>"$WORK/compose.log" 2>&1 || { cat "$WORK/compose.log"; exit 1; }
 [ -z "$(podman ps -aq --filter label=io.podman.compose.project=policymix --filter label=com.docker.compose.service=cpu)" ] || { echo "FAIL: compose down left containers"; exit 1; }
-log "compose down"
+log "compose stop (exit 0) and down"
 
 log "PASS: base ${T_BASE}s, build ${T_BUILD}s, health ${T_HEALTH}s, total $((SECONDS - T0))s"

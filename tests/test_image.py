@@ -40,3 +40,26 @@ def test_cpu_image_and_compose_profile_run_with_podman(capsys):
         pytest.skip(next((ln for ln in reversed(lines) if ln.startswith("SKIP:")), out[-500:]).strip())
     assert proc.returncode == 0, out[-8000:]
     assert "PASS:" in lines[-2] + lines[-1], out[-2000:]
+
+
+def test_podman_settings_parse_and_agree_with_the_script():
+    """Cheap, everywhere: the files the script passes to podman and pip parse, and name one work folder."""
+    import configparser
+    import re
+    tomllib = pytest.importorskip("tomllib", reason="tomllib needs Python 3.11")
+
+    conf = REPO / "deploy" / "podman"
+    containers = tomllib.loads((conf / "containers.conf").read_text(encoding="utf-8"))
+    storage = tomllib.loads((conf / "storage.conf").read_text(encoding="utf-8"))
+    registries = tomllib.loads((conf / "registries.conf").read_text(encoding="utf-8"))
+    assert containers["engine"]["runtime"] == "runc"
+    assert {u.split("=")[0] for u in containers["containers"]["default_ulimits"]} == {"nofile", "nproc"}
+    assert registries["unqualified-search-registries"] == []
+
+    work = re.search(r"^WORK=(\S+)", SCRIPT.read_text(encoding="utf-8"), re.M).group(1)
+    for path in (storage["storage"]["graphroot"], containers["network"]["network_config_dir"]):
+        assert Path(path).parent == Path(work), f"{path} is outside the script's work folder {work}"
+
+    pip = configparser.ConfigParser()
+    pip.read(conf / "pip.conf")
+    assert pip["global"]["retries"] == "0" and pip["global"]["find-links"] == "/mnt"
