@@ -6,6 +6,7 @@
 #      SIGTERM during a stream (the stream ends cleanly, the container exits 0),
 #   4. docker-compose.yml's `cpu` profile through podman-compose: up, healthy, requests, stop, down,
 #   5. everything it made removed (POLICYMIX_PODMAN_KEEP=1 keeps the base, image and store for reruns).
+# About 8 minutes on 2 busy cores (base 2, build 3.5, first start 0.7, drain 0.5, compose 1.5, cleanup 0.7).
 # Exit 0: passed. Exit 77: skipped, with the reason on the last line ("SKIP: ..."). Else: failed.
 #
 # podman's settings come from deploy/podman/ through CONTAINERS_CONF, CONTAINERS_REGISTRIES_CONF and
@@ -62,6 +63,10 @@ if compgen -G "$WHEELS/torch-2.13.0+cpu-*.whl" >/dev/null; then
 else
     log "no torch-2.13.0+cpu wheel in $WHEELS: pip looks for it on the image's extra index"
 fi
+
+# One run at a time on a host: the store, the names and the compose project are shared.
+exec 9>"$WORK.lock"
+flock -w 1800 9 || { echo "FAIL: another deploy/test-image.sh held $WORK.lock for 30 minutes"; exit 1; }
 
 cleanup() {
     local rc=$?
