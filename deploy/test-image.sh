@@ -74,7 +74,7 @@ cleanup() {
     (cd "$REPO" && "$PODMAN_COMPOSE" --profile cpu down -v -t 0 >/dev/null 2>&1) || true
     if [ "${POLICYMIX_PODMAN_KEEP:-0}" != 1 ]; then
         podman system reset -f >/dev/null 2>&1 || true  # only this test's store (storage.conf)
-        rm -rf "$WORK"
+        rm -rf "$WORK" "$WORK.lock"
         log "removed the containers, images, volumes, networks and $WORK"
     fi
     exit $rc
