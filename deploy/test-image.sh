@@ -6,7 +6,7 @@
 #      SIGTERM during a stream (the stream ends cleanly, the container exits 0),
 #   4. docker-compose.yml's `cpu` profile through podman-compose: up, healthy, requests, stop, down,
 #   5. everything it made removed (POLICYMIX_PODMAN_KEEP=1 keeps the base, image and store for reruns).
-# About 8 minutes on 2 busy cores (base 2, build 3.5, first start 0.7, drain 0.5, compose 1.5, cleanup 0.7).
+# 5 to 9 minutes on 2 cores; 9 when shared (base 1.5, build 3, first start 1.5, drain 0.5, compose 2, cleanup 1).
 # Exit 0: passed. Exit 77: skipped, with the reason on the last line ("SKIP: ..."). Else: failed.
 #
 # podman's settings come from deploy/podman/ through CONTAINERS_CONF, CONTAINERS_REGISTRIES_CONF and

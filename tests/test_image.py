@@ -2,7 +2,7 @@
 Debian base, runs the container (health, a completion, a chat with a mixture, SIGTERM during a stream),
 brings up docker-compose.yml's cpu profile through podman-compose, and removes what it made.
 
-It takes about 8 minutes on 2 busy cores (debootstrap, the build, the first start's model conversion,
+It takes 5 to 9 minutes on 2 cores (debootstrap, the build, the first start's model conversion,
 a 30 s drain, the compose profile, cleanup); its timings are printed as it goes. Where podman cannot run, the script says why and the test skips with that reason.
 POLICYMIX_SKIP_IMAGE_TEST=1 skips it on purpose (a quick local run of the suite).
 """
