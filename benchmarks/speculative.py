@@ -137,13 +137,15 @@ def section_anchors(args) -> list[dict]:
                                                    "engine, policy-parallel + ngram k=4")}
     serve(_core(reg, True), "base", mix, prompts[:1], 4, 1, SpeculativeSpec("ngram", 4))  # warm-up
     for _ in range(args.repeats):
-        loop = run_proxy_tuning(models, tok, PROMPTS[: args.prompts], args.tokens, batch_size=1, threads=args.threads)
+        loop = run_proxy_tuning(models, tok, PROMPTS[: args.prompts], args.anchor_tokens, batch_size=1,
+                                threads=args.threads)
         runs["proxy-tuning loop, batch 1"].append({"s": loop.wall_s, "tokens": loop.tokens, "drafted": 0,
                                                    "accepted": 0})
-        plain = serve(_core(reg, False), "base", mix, prompts, args.tokens, 1, None)
+        plain = serve(_core(reg, False), "base", mix, prompts, args.anchor_tokens, 1, None)
         runs["engine"].append(plain)
-        runs["engine, policy-parallel"].append(serve(_core(reg, True), "base", mix, prompts, args.tokens, 1, None))
-        spec = serve(_core(reg, True), "base", mix, prompts, args.tokens, 1, SpeculativeSpec("ngram", 4))
+        runs["engine, policy-parallel"].append(serve(_core(reg, True), "base", mix, prompts, args.anchor_tokens, 1,
+                                                     None))
+        spec = serve(_core(reg, True), "base", mix, prompts, args.anchor_tokens, 1, SpeculativeSpec("ngram", 4))
         spec["same"] = _same(spec, plain)
         runs["engine, policy-parallel + ngram k=4"].append(spec)
     return [{"section": "anchors", **r} for r in _compare(runs, "proxy-tuning loop, batch 1")]
@@ -252,10 +254,11 @@ def section_proxy(args) -> list[dict]:
     runs: dict[str, list[dict]] = {"large alone": [], "mixture": [], "mixture, draft tuned k=4": []}
     serve(_core(reg, True), "large", mix, prompts[:1], 4, 1, SpeculativeSpec("tuned", 4))  # warm-up
     for _ in range(args.repeats):
-        runs["large alone"].append(serve(_core(reg, True), "large", None, prompts, args.tokens, 1, None))
-        plain = serve(_core(reg, True), "large", mix, prompts, args.tokens, 1, None)
+        n = args.anchor_tokens
+        runs["large alone"].append(serve(_core(reg, True), "large", None, prompts, n, 1, None))
+        plain = serve(_core(reg, True), "large", mix, prompts, n, 1, None)
         runs["mixture"].append(plain)
-        got = serve(_core(reg, True), "large", mix, prompts, args.tokens, 1, SpeculativeSpec("tuned", 4))
+        got = serve(_core(reg, True), "large", mix, prompts, n, 1, SpeculativeSpec("tuned", 4))
         got["same"] = _same(got, plain)
         runs["mixture, draft tuned k=4"].append(got)
     ratio = macs["large"] / macs["tuned"]
@@ -267,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--anchor-tokens", type=int, default=128, help="new tokens in the anchors and proxy sections")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--sections", default="anchors,proxy,copy,drafter,crossover")
     ap.add_argument("--out", default="benchmarks/results/speculative_cpu")
@@ -293,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(rows, [("section", "section"), ("contender", "contender"), ("tok_s", "tok/s"),
                                   ("ratio", "ratio to the first of its section"), ("acceptance", "acceptance"),
                                   ("same_tokens", "requests with the plain engine's tokens")])
-    notes = (f"Greedy, ignore_eos, {args.tokens} new tokens ({args.tokens // 2} in the crossover), medians of "
+    notes = (f"Greedy, ignore_eos, {args.anchor_tokens} new tokens in the anchors and proxy sections (random models), "
+             f"{args.tokens} with SmolLM2 ({args.tokens // 2} in the crossover), medians of "
              f"{args.repeats} repeats, contenders side by side in each repeat; the ratio is the median of the per-repeat "
              "ratios of tok/s. Lossless: the speculative contenders' greedy tokens are compared with their section's "
              "plain engine's (the fraction of requests with identical tokens is reported). "

@@ -445,4 +445,6 @@ def _parallel_forwards(setting: str, runners: dict[str, PolicyRunner]) -> Thread
     on_cpu = all(r.device.type == "cpu" for r in runners.values())
     if setting == "auto" and (not on_cpu or workers < 2):
         return None
-    return ThreadPoolExecutor(max(2, workers), thread_name_prefix="policymix-forward")
+    # each worker keeps torch's thread count (OpenMP's is per thread: a new thread would take the default)
+    return ThreadPoolExecutor(max(2, workers), thread_name_prefix="policymix-forward",
+                              initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),))
