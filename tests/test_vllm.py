@@ -59,13 +59,17 @@ def vcfg(tiny_dir):
     })
 
 
-@pytest.fixture(scope="module")
-def vengine(vcfg, tmp_path_factory):
+@pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
+def vengine(request, vcfg, tmp_path_factory):
+    """The engine at tensor_parallel_size 1, then 2 (two CPU workers, each holding half of every policy's
+    attention heads, MLP columns and vocabulary rows; mixing runs on the all-gathered logits)."""
+    from policymix.config import VllmSpec
     from policymix.engine.vllm import VllmEngine
-    from policymix.engine.vllm.engine import VllmSettings
+    from policymix.engine.vllm.settings import VllmSettings
 
+    spec = VllmSpec(tensor_parallel_size=request.param)
     eng = VllmEngine.from_config(vcfg, progress=False,
-                                 settings=VllmSettings(cache_dir=tmp_path_factory.mktemp("vllm-cache")))
+                                 settings=VllmSettings(spec, cache_dir=tmp_path_factory.mktemp("vllm-cache")))
     yield eng
     eng._close_now()
 
@@ -485,11 +489,11 @@ class _Borrowed:
 
 
 @pytest.fixture(scope="module", params=["native", "vllm"])
-def served(request, vcfg):
+def served(request, vcfg, vengine, nengine):
     from api_helpers import LiveServer
     from policymix.api import build_app
 
-    engine = request.getfixturevalue("nengine" if request.param == "native" else "vengine")
+    engine = nengine if request.param == "native" else vengine
     with LiveServer(build_app(_Borrowed(engine), vcfg, env={})) as srv:
         yield request.param, srv
 

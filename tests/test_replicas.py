@@ -1,0 +1,208 @@
+"""Replicas behind vLLM's router: two real `policymix serve` processes and the real `vllm-router` on loopback.
+
+64 completions go through the router while one replica is killed (SIGKILL) part-way. Checks: both
+replicas served some; no request that the router could retry is lost (everything sent after the kill,
+and everything the killed replica had not started, is answered 200); `/v1/models` through the router
+is the replica's own; a prompt gets the same greedy text whichever replica served it. Which replica
+served a request is read from the replicas' own access logs (JSON lines carrying the `X-Request-Id` the
+client sent). The figures are printed: requests per replica, the router's retries, errors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+ROUTER = Path(sys.executable).parent / "vllm-router"
+pytestmark = pytest.mark.skipif(not ROUTER.exists(),
+                                reason=f"vllm-router is not installed at {ROUTER} (pip install -e '.[replicas]')")
+
+REQUESTS = 64
+CONCURRENCY = 8
+KILL_AFTER = 16  # answered requests before one replica is killed
+PROMPTS = ["Hello world", "Paris is the capital", "A policy is", "The quick brown fox"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before {url} answered")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{url} did not answer 200 within {timeout:.0f} s")
+
+
+def _served_ids(log: Path) -> set[str]:
+    """Request ids that a replica answered 200 on /v1/completions (its JSON access lines)."""
+    ids = set()
+    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        msg = rec.get("message", "")
+        if rec.get("request_id") and msg.startswith("POST /v1/completions 200"):
+            ids.add(rec["request_id"])
+    return ids
+
+
+def _router_retries(metrics: str) -> float:
+    """The router's retry counters summed (vllm-router's Prometheus names contain "retr")."""
+    total = 0.0
+    for line in metrics.splitlines():
+        if line.startswith("#") or "retr" not in line.split("{")[0].split(" ")[0]:
+            continue
+        m = re.search(r"\s([0-9.eE+-]+)$", line)
+        if m and line.split("{")[0].split(" ")[0].endswith("_total"):
+            total += float(m.group(1))
+    return total
+
+
+@pytest.fixture
+def cluster(tiny_dir, tmp_path):
+    cfg = tmp_path / "replica.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "policies": {"base": {"path": str(tiny_dir / "base")},
+                     "dpo": {"path": str(tiny_dir / "dpo"), "reference": "base", "beta": 0.1}},
+        "mixtures": {"dpo-soft": {"reference": "base", "policy": "dpo", "beta": 0.1, "beta_prime": 0.2}},
+        "server": {"max_num_seqs": 8}}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs: list[subprocess.Popen] = []
+    replicas = []
+    try:
+        for name in ("a", "b"):
+            port, log = _free_port(), tmp_path / f"replica-{name}.log"
+            p = subprocess.Popen([sys.executable, "-m", "policymix.cli", "serve", "--config", str(cfg), "--port",
+                                  str(port), "--log-format", "json", "--shutdown-timeout", "5"],
+                                 stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+            procs.append(p)
+            replicas.append({"name": name, "url": f"http://127.0.0.1:{port}", "proc": p, "log": log})
+        for r in replicas:
+            _wait(r["url"] + "/health", r["proc"])
+        port, mport = _free_port(), _free_port()
+        router_log = tmp_path / "router.log"
+        router = subprocess.Popen(
+            [str(ROUTER), "--host", "127.0.0.1", "--port", str(port), "--policy", "round_robin",
+             "--worker-urls", *(r["url"] for r in replicas),
+             "--prometheus-host", "127.0.0.1", "--prometheus-port", str(mport),
+             "--worker-startup-check-interval", "1", "--health-check-interval-secs", "1",
+             "--retry-max-retries", "3", "--retry-initial-backoff-ms", "50", "--request-timeout-secs", "120"],
+            stdout=router_log.open("w"), stderr=subprocess.STDOUT, env=env)
+        procs.append(router)
+        _wait(f"http://127.0.0.1:{port}/v1/models", router)
+        yield {"replicas": replicas, "router": f"http://127.0.0.1:{port}", "metrics": f"http://127.0.0.1:{mport}/metrics",
+               "router_log": router_log}
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def test_two_replicas_behind_the_router_survive_one_being_killed(cluster):
+    a, b = cluster["replicas"]
+    router = cluster["router"]
+
+    # /v1/models through the router is what each replica lists (the router forwards it)
+    through = httpx.get(router + "/v1/models", timeout=10).json()
+    direct = [httpx.get(r["url"] + "/v1/models", timeout=10).json() for r in (a, b)]
+    ids = lambda listing: sorted((m["id"], m.get("owned_by")) for m in listing["data"])  # noqa: E731
+    assert ids(through) == ids(direct[0]) == ids(direct[1]) and len(through["data"]) >= 3
+
+    results: dict[str, dict] = {}
+    sent_at: dict[str, float] = {}
+    kill: dict[str, float] = {}
+    done = threading.Event()
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        rid = f"replica-test-{i}"
+        body = {"model": "base", "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 24, "temperature": 0,
+                "ignore_eos": True}
+        if i % 2:
+            body["mixture"] = "dpo-soft"
+        sent_at[rid] = time.monotonic()
+        try:
+            r = httpx.post(router + "/v1/completions", json=body, headers={"X-Request-Id": rid}, timeout=120)
+            out = {"status": r.status_code, "text": r.json()["choices"][0]["text"] if r.status_code == 200 else r.text,
+                   "prompt": i % len(PROMPTS), "mixed": bool(i % 2)}
+        except httpx.HTTPError as err:
+            out = {"status": None, "text": repr(err), "prompt": i % len(PROMPTS), "mixed": bool(i % 2)}
+        with lock:
+            results[rid] = out
+            if len(results) == KILL_AFTER:
+                done.set()
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        futures = [pool.submit(one, i) for i in range(REQUESTS)]
+        assert done.wait(300), "the first requests did not come back"
+        served_b_before = _served_ids(b["log"])
+        b["proc"].send_signal(signal.SIGKILL)  # a crash: no drain
+        kill["at"] = time.monotonic()
+        b["proc"].wait(10)
+        for f in futures:
+            f.result()
+    elapsed = time.monotonic() - t0
+
+    served_a, served_b = _served_ids(a["log"]), _served_ids(b["log"])
+    assert served_b >= served_b_before
+    ok = {rid for rid, r in results.items() if r["status"] == 200}
+    failed = {rid: r for rid, r in results.items() if r["status"] != 200}
+    # Unanswered by b and not started before the kill: nothing was lost in b, the router had to retry it
+    sent_after_kill = {rid for rid, t in sent_at.items() if t > kill["at"]}
+    in_flight_at_kill = {rid for rid, t in sent_at.items() if t <= kill["at"] and rid not in served_b_before
+                         and rid in results and rid not in served_a | served_b}
+    try:
+        retries = _router_retries(httpx.get(cluster["metrics"], timeout=5).text)
+    except httpx.HTTPError:
+        retries = float("nan")
+    print(f"\nreplicas: a served {len(served_a)}, b served {len(served_b)} (killed after {len(served_b_before)}); "
+          f"router retries {retries:g}; answered 200: {len(ok)} of {REQUESTS}; errors {len(failed)}; "
+          f"sent after the kill {len(sent_after_kill)}; lost in flight on b {len(in_flight_at_kill)}; "
+          f"{elapsed:.1f} s")
+    for rid, r in sorted(failed.items()):
+        print(f"  {rid}: {r['status']} {r['text'][:160]}")
+
+    assert served_a and served_b, "both replicas must serve some requests"
+    assert ok == served_a | served_b, "every 200 came from a replica's log (and the other way round)"
+    assert not sent_after_kill & set(failed), "requests sent after the kill must be retried on the live replica"
+    assert set(failed) <= in_flight_at_kill, "only requests the killed replica was running may fail"
+    # a replica is a replica: the same prompt and recipe give the same greedy text on either one
+    texts: dict[tuple, set[str]] = {}
+    for rid in ok:
+        texts.setdefault((results[rid]["prompt"], results[rid]["mixed"]), set()).add(results[rid]["text"])
+    assert all(len(t) == 1 for t in texts.values()), texts
+    # the router stopped routing to the dead replica: the next requests all go to a
+    after = [httpx.post(router + "/v1/completions", json={"model": "base", "prompt": "x", "max_tokens": 2},
+                        timeout=60).status_code for _ in range(4)]
+    assert after == [200] * 4
