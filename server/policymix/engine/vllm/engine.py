@@ -90,13 +90,18 @@ class VllmEngine(RegistryEngineClient):
     @classmethod
     def from_config(cls, cfg: Config, progress: bool = True, settings: VllmSettings | None = None) -> "VllmEngine":
         """``settings`` default to the config's ``server.vllm`` with ``POLICYMIX_VLLM_*`` overrides."""
+        import torch
+
         settings = settings or VllmSettings.resolve(cfg.server.vllm)
-        if settings.spec.pipeline_parallel_size > 1:
-            raise ConfigError("server.vllm.pipeline_parallel_size: the composite mixture model does not run "
-                              "pipeline stages yet; use tensor_parallel_size (docs/deploy.md, Scale-out)")
-        if settings.spec.max_model_len is not None:  # vLLM's context cap is the API's too (registry.check_length)
+        spec = settings.spec
+        if spec.pipeline_parallel_size > 1 and spec.enforce_eager and not torch.cuda.is_available():
+            # vllm/v1/worker/cpu_model_runner.py: warming_up_model returns at once in eager mode, so the
+            # later stages' intermediate-tensor buffers are never made (an AssertionError at the first step)
+            raise ConfigError("server.vllm.pipeline_parallel_size: on CPU, vLLM 0.32 runs pipeline stages only "
+                              "with enforce_eager: false (docs/vllm.md, Settings)")
+        if spec.max_model_len is not None:  # vLLM's context cap is the API's too (registry.check_length)
             cfg = cfg.model_copy(deep=True)
-            cfg.server.max_model_len = settings.spec.max_model_len
+            cfg.server.max_model_len = spec.max_model_len
         report = (lambda msg: print(msg, flush=True)) if progress else None
         registry, paths = load_catalog(cfg, progress=report)
         return cls(registry, paths, settings, progress=report)
