@@ -72,16 +72,10 @@ def _served_ids(log: Path) -> set[str]:
     return ids
 
 
-def _router_retries(metrics: str) -> float:
-    """The router's retry counters summed (vllm-router's Prometheus names contain "retr")."""
-    total = 0.0
-    for line in metrics.splitlines():
-        if line.startswith("#") or "retr" not in line.split("{")[0].split(" ")[0]:
-            continue
-        m = re.search(r"\s([0-9.eE+-]+)$", line)
-        if m and line.split("{")[0].split(" ")[0].endswith("_total"):
-            total += float(m.group(1))
-    return total
+def _router_metric(metrics: str, name: str) -> float:
+    """A counter of the router's Prometheus text, summed over its labels."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.split("{")[0].split(" ")[0] == name)
 
 
 @pytest.fixture
@@ -114,8 +108,8 @@ def cluster(tiny_dir, tmp_path):
             stdout=router_log.open("w"), stderr=subprocess.STDOUT, env=env)
         procs.append(router)
         _wait(f"http://127.0.0.1:{port}/v1/models", router)
-        yield {"replicas": replicas, "router": f"http://127.0.0.1:{port}", "metrics": f"http://127.0.0.1:{mport}/metrics",
-               "router_log": router_log}
+        yield {"replicas": replicas, "router": f"http://127.0.0.1:{port}",
+               "metrics": f"http://127.0.0.1:{mport}/metrics", "router_log": router_log}
     finally:
         for p in procs:
             if p.poll() is None:
@@ -212,14 +206,13 @@ def test_two_replicas_behind_the_router_survive_one_being_stopped(cluster, how):
     sent_after = {rid for rid, t in sent_at.items() if t > kill["at"]}
     in_flight = {rid for rid, t in sent_at.items() if t <= kill["at"] < answered_at[rid]}  # on a or b
     finished_by_b = in_flight & (served_b - served_b_before)  # the drain's work (SIGTERM)
-    try:
-        retries = _router_retries(httpx.get(cluster["metrics"], timeout=5).text)
-    except httpx.HTTPError:
-        retries = float("nan")
-    print(f"\n{how} replicas: a served {len(served_a)}, b served {len(served_b)} (stopped after {len(served_b_before)}); "
-          f"router retries {retries:g}; answered 200: {len(ok)} of {REQUESTS}; errors {len(failed)}; "
-          f"in flight at the stop {len(in_flight)} (finished by b {len(finished_by_b)}); "
-          f"sent after the stop {len(sent_after)}; {elapsed:.1f} s")
+    metrics = httpx.get(cluster["metrics"], timeout=5).text
+    retries = _router_metric(metrics, "vllm_router_retries_total")
+    exhausted = _router_metric(metrics, "vllm_router_retries_exhausted_total")
+    print(f"\n{how} replicas: a served {len(served_a)}, b served {len(served_b)} "
+          f"(stopped after {len(served_b_before)}); router retries {retries:g} (exhausted {exhausted:g}); "
+          f"answered 200: {len(ok)} of {REQUESTS}; errors {len(failed)}; in flight at the stop {len(in_flight)} "
+          f"(finished by b {len(finished_by_b)}); sent after the stop {len(sent_after)}; {elapsed:.1f} s")
     for rid, r in sorted(failed.items()):
         print(f"  {rid}: {r['status']} {r['text'][:160]}")
 
