@@ -113,3 +113,75 @@ def test_kv_cache_bytes_are_per_worker(tmp_path):
     assert _kv_bytes_per_token(str(tmp_path), 2, tp=4) * 4 == one
     assert _kv_bytes_per_token(str(tmp_path), 2, tp=16) == one // 8  # one head each, replicated
     assert _kv_bytes_per_token(str(tmp_path), 2, tp=4, pp=2) * 8 == one
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
+def test_serve_runs_vllm_at_the_configured_parallel_size(tmp_path, tiny_dir, tiny_registry):
+    """`policymix serve --engine vllm` with `server.vllm` from the file (TP 1) and its variable (TP 2): the
+    server's engine runs two tensor-parallel workers and answers a mixture as the native engine does."""
+    import asyncio
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    import psutil
+
+    from policymix.engine.native import NativeEngine
+    from policymix.engine.protocol import GenerationRequest, Prompt, RequestDone, SamplingParams
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "policies": {"base": {"path": str(tiny_dir / "base")}, "dpo": {"path": str(tiny_dir / "dpo")}},
+        "server": {"max_num_seqs": 8, "max_model_len": 128, "vllm": {"tensor_parallel_size": 1}}}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "POLICYMIX_VLLM_TENSOR_PARALLEL_SIZE": "2",
+           "POLICYMIX_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "policymix.cli", "serve", "--config", str(cfg), "--engine", "vllm",
+                             "--port", str(port), "--log-level", "warning"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    mixture = {"weights": {"base": 1.5, "dpo": -0.5}}
+    try:
+        end = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < end, "the vLLM server did not become healthy"
+            time.sleep(0.5)
+        names = sorted(p.name() for p in psutil.Process(proc.pid).children(recursive=True))
+        assert [n for n in names if n.startswith("VLLM::Worker")] == ["VLLM::Worker_TP0", "VLLM::Worker_TP1"]
+        r = httpx.post(f"{url}/v1/completions", timeout=120, json={
+            "model": "base", "prompt": "Hello world", "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+            "mixture": mixture})
+        assert r.status_code == 200, r.text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+
+    async def native_text() -> str:
+        eng = NativeEngine(tiny_registry)
+        await eng.start()
+        try:
+            req = GenerationRequest("n", "base", eng.compile("base", mixture), Prompt(text="Hello world"),
+                                    SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+            async for ev in eng.generate(eng.plan(req)):
+                if isinstance(ev, RequestDone):
+                    return ev.sequences[0].text
+        finally:
+            await eng.shutdown(1.0)
+
+    assert r.json()["choices"][0]["text"] == asyncio.run(native_text())
