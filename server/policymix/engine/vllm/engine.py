@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 from ...config import Config
-from ...errors import PolicymixError
+from ...errors import ConfigError, PolicymixError
 from ...registry import Registry
 from ..protocol import (EngineError, EngineEvent, ErrorKind, GenerationRequest, PromptEvent, PromptLogprob, RequestDone,
                         RequestPlan, TokenEvent)
@@ -32,31 +32,11 @@ from .catalog import load_catalog
 from .checkpoint import Member, read_config, attr_name, build_checkpoint
 from .channel import CHANNEL_KEY, Receiver, new_address
 from .jobs import Job
+from .settings import VllmSettings, cpu_threads_bind
 
 log = logging.getLogger("policymix.engine.vllm")
 
 POLICY_LOGPROBS_TIMEOUT_S = 120.0  # a token's per-policy logprobs arrive one engine step after the token
-
-
-@dataclass
-class VllmSettings:
-    """vLLM knobs that the config file does not carry (environment variables, read once at start)."""
-
-    kv_cache_bytes: int | None = None  # CPU: KV-cache size; None: from server.kv_budget_tokens or a default
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float | None = None  # GPU: vLLM's default (0.9) when None
-    compile: bool = False  # torch.compile + CUDA graphs (with the compile cache off, see docs/vllm.md)
-    cache_dir: Path | None = None  # composite checkpoints; default $POLICYMIX_CACHE/vllm
-
-    @classmethod
-    def from_env(cls, env=os.environ) -> "VllmSettings":
-        def num(key, kind):
-            return kind(env[key]) if env.get(key) else None
-
-        return cls(kv_cache_bytes=num("POLICYMIX_VLLM_KV_CACHE_BYTES", int),
-                   tensor_parallel_size=num("POLICYMIX_VLLM_TENSOR_PARALLEL_SIZE", int) or 1,
-                   gpu_memory_utilization=num("POLICYMIX_VLLM_GPU_MEMORY_UTILIZATION", float),
-                   compile=env.get("POLICYMIX_VLLM_COMPILE", "") == "1")
 
 
 @dataclass
@@ -66,12 +46,16 @@ class _Family:
     llm: Any = None  # vllm AsyncLLM
 
 
-def _kv_bytes_per_token(path: str, dtype_bytes: int) -> int:
+def _kv_bytes_per_token(path: str, dtype_bytes: int, tp: int = 1, pp: int = 1) -> int:
+    """KV bytes per token that one worker holds: its share of the KV heads (tensor parallel; replicated
+    when there are fewer heads than workers) and of the layers (pipeline parallel)."""
     cfg = read_config(path)
     text = cfg.get("text_config") or cfg
     heads = text.get("num_attention_heads", 1)
     head_dim = text.get("head_dim") or text.get("hidden_size", 64) // heads
-    return 2 * text.get("num_hidden_layers", 1) * text.get("num_key_value_heads", heads) * head_dim * dtype_bytes
+    kv_heads = max(1, text.get("num_key_value_heads", heads) // tp)
+    layers = -(-text.get("num_hidden_layers", 1) // pp)
+    return 2 * layers * kv_heads * head_dim * dtype_bytes
 
 
 class VllmEngine(RegistryEngineClient):
@@ -105,9 +89,22 @@ class VllmEngine(RegistryEngineClient):
 
     @classmethod
     def from_config(cls, cfg: Config, progress: bool = True, settings: VllmSettings | None = None) -> "VllmEngine":
+        """``settings`` default to the config's ``server.vllm`` with ``POLICYMIX_VLLM_*`` overrides."""
+        import torch
+
+        settings = settings or VllmSettings.resolve(cfg.server.vllm)
+        spec = settings.spec
+        if spec.pipeline_parallel_size > 1 and spec.enforce_eager and not torch.cuda.is_available():
+            # vllm/v1/worker/cpu_model_runner.py: warming_up_model returns at once in eager mode, so the
+            # later stages' intermediate-tensor buffers are never made (an AssertionError at the first step)
+            raise ConfigError("server.vllm.pipeline_parallel_size: on CPU, vLLM 0.32 runs pipeline stages only "
+                              "with enforce_eager: false (docs/vllm.md, Settings)")
+        if spec.max_model_len is not None:  # vLLM's context cap is the API's too (registry.check_length)
+            cfg = cfg.model_copy(deep=True)
+            cfg.server.max_model_len = spec.max_model_len
         report = (lambda msg: print(msg, flush=True)) if progress else None
         registry, paths = load_catalog(cfg, progress=report)
-        return cls(registry, paths, settings or VllmSettings.from_env(), progress=report)
+        return cls(registry, paths, settings, progress=report)
 
     # ----- start ------------------------------------------------------------------------------
 
@@ -138,16 +135,18 @@ class VllmEngine(RegistryEngineClient):
 
         from .table import WeightTable
 
-        reg, s = self.registry, self.settings
+        reg, s = self.registry, self.settings.spec
         srv = reg.config.server
         max_len = reg.max_model_len(family)
         on_cpu = not torch.cuda.is_available()
         spec = reg.policies[fam.members[0]].spec
         dtype = "float32" if on_cpu and spec.dtype == "auto" else spec.dtype  # the native engine's choice on CPU
         kw: dict[str, Any] = {}
-        kv_bytes = s.kv_cache_bytes
+        kv_bytes = s.kv_cache_memory_bytes
         if kv_bytes is None and (on_cpu or srv.kv_budget_tokens):
-            per_token = sum(_kv_bytes_per_token(self.paths[n], 4 if dtype == "float32" else 2) for n in fam.members)
+            per_token = sum(_kv_bytes_per_token(self.paths[n], 4 if dtype == "float32" else 2,
+                                                s.tensor_parallel_size, s.pipeline_parallel_size)
+                            for n in fam.members)
             tokens = srv.kv_budget_tokens or max(max_len, min(srv.max_num_seqs * max_len, 16384))
             kv_bytes = per_token * (tokens + 64)  # a few blocks of slack for vLLM's block rounding
         if kv_bytes is not None:
@@ -156,8 +155,9 @@ class VllmEngine(RegistryEngineClient):
             kw["gpu_memory_utilization"] = s.gpu_memory_utilization
         return AsyncEngineArgs(
             model=str(fam.folder), tokenizer=str(fam.folder), skip_tokenizer_init=True, dtype=dtype,
-            max_model_len=max_len, max_num_seqs=srv.max_num_seqs, enforce_eager=not s.compile,
-            tensor_parallel_size=s.tensor_parallel_size, logits_processors=[WeightTable],
+            max_model_len=max_len, max_num_seqs=srv.max_num_seqs, enforce_eager=s.enforce_eager,
+            tensor_parallel_size=s.tensor_parallel_size, pipeline_parallel_size=s.pipeline_parallel_size,
+            distributed_executor_backend=s.distributed_executor_backend, logits_processors=[WeightTable],
             generation_config="vllm", seed=0, disable_log_stats=True,
             hf_overrides={CHANNEL_KEY: self._receiver.address},
             async_scheduling=False,  # the weight table reads each sampled token from the request's output list
@@ -168,8 +168,9 @@ class VllmEngine(RegistryEngineClient):
         # The weight table follows the legacy model runner's batch; the V2 runner (GPU default) has
         # another logits-processor interface. Both sub-models would write one torch.compile cache file.
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
-        if self.settings.compile:
+        if not self.settings.spec.enforce_eager:
             os.environ["VLLM_DISABLE_COMPILE_CACHE"] = "1"
+        self._bind_cpu_threads()
         from vllm.v1.engine.async_llm import AsyncLLM
 
         from .plugin import register
@@ -179,6 +180,18 @@ class VllmEngine(RegistryEngineClient):
             self._receiver = Receiver(new_address())
             self._receiver.start()
         fam.llm = AsyncLLM.from_engine_args(self._engine_args(family, fam))
+
+    def _bind_cpu_threads(self) -> None:
+        """CPU workers' OpenMP threads (vLLM reads VLLM_CPU_OMP_THREADS_BIND in the processes it spawns)."""
+        import torch
+
+        spec = self.settings.spec
+        if spec.cpu_threads_bind is not None:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = spec.cpu_threads_bind
+        elif (self.settings.world_size > 1 and not torch.cuda.is_available()
+              and not os.environ.get("VLLM_CPU_OMP_THREADS_BIND")):
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_threads_bind(self.settings.world_size,
+                                                                       sorted(os.sched_getaffinity(0)))
 
     def _call(self, coro) -> Future:
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
