@@ -61,26 +61,27 @@ def serve(core: EngineCore, model: str, mixture, prompts: list[Prompt], tokens: 
     """Serve ``prompts`` greedily with ``concurrency`` requests in flight; seconds, tokens, drafted, accepted."""
     reg = core.registry
     recipe = compile_recipe(mixture, model, reg.infos(), reg.config.mixtures)
-    pending, done = list(prompts), []
+    pending, done = list(enumerate(prompts)), {}
 
-    def submit(prompt):
+    def submit(i, prompt):
         req = GenerationRequest(f"s{next(_ids)}", model, recipe, prompt,
                                 SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True),
                                 speculative=speculative)
         state = core.render(req)
-        state.emit = lambda ev: done.append(ev) if isinstance(ev, RequestDone) else None
+        state.emit = lambda ev: done.__setitem__(i, ev) if isinstance(ev, RequestDone) else None
         core.add(state)
 
     start = time.perf_counter()
     for _ in range(min(concurrency, len(pending))):
-        submit(pending.pop(0))
+        submit(*pending.pop(0))
     while core.has_work():
         before = len(done)
         core.step()
         for _ in range(len(done) - before):
             if pending:
-                submit(pending.pop(0))
+                submit(*pending.pop(0))
     wall = time.perf_counter() - start
+    done = [done[i] for i in sorted(done)]  # in prompt order (they finish in any order)
     assert len(done) == len(prompts) and all(d.error is None for d in done), [d.error for d in done]
     seqs = [d.sequences[0] for d in done]
     drafted = sum((s.speculative or {}).get("drafted", 0) for s in seqs)

@@ -167,9 +167,8 @@ class EngineCore:
         self.steps += 1
         prompt_scoring.plan_chunks(self.scheduler.running)
         drafts = self._draft()
-        t = time.perf_counter()
+        drafted = time.perf_counter()
         logits = self._forward()
-        self.speculator.costs.step(time.perf_counter() - t, verified=bool(drafts))
         outputs: list[StepOutput] = []
         for states in self._by_family().values():
             try:
@@ -181,6 +180,8 @@ class EngineCore:
         t = time.perf_counter()
         self.outputs.process(outputs)
         self.timers["detok"] += time.perf_counter() - t
+        # the step's cost without its drafting, for the choice of how many tokens to draft
+        self.speculator.costs.step(time.perf_counter() - drafted, verified=bool(drafts))
         return outputs
 
     def _draft(self) -> dict[Sequence, Draft]:

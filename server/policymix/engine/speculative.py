@@ -47,6 +47,7 @@ DRAFT_STREAM = "<draft>"  # the lane key of a sequence's context in its draft po
 NGRAM_MAX, NGRAM_MIN = 4, 2  # prompt lookup: the longest suffix of 4 down to 2 tokens that occurred before
 DEFAULT_MAX_CONCURRENCY = 8  # when requests ask for speculation and the config sets no default
 EXPLORE_EVERY = 32  # steps: a plain step (no drafts) at least this often keeps the plain-step time current
+MARGIN = 1.1  # drafting must promise this many times a plain step's tokens per second (timings are noisy)
 
 
 def drafter_key(policy: str) -> str:
@@ -125,10 +126,11 @@ class _Ema:
 
 
 class CostModel:
-    """Online step costs: the forwards of a plain step and of a verifying step, and each drafter's step."""
+    """Online step costs: a plain step, a verifying step (both whole steps, drafting excluded) and each
+    drafter's one-token step."""
 
     def __init__(self):
-        self.plain, self.verify = _Ema(), _Ema()  # seconds of a step's forwards
+        self.plain, self.verify = _Ema(), _Ema()  # seconds of a whole step, its drafting excluded
         self.draft: dict[str, _Ema] = {}  # drafter policy -> seconds of one drafting step
         self.since_plain = 0  # steps since the last plain one
 
@@ -147,7 +149,7 @@ class CostModel:
         if plain is None or verify is None or draft is None:
             return k_max  # not measured yet: draft, and measure
         a = min((accepted + 1) / (accepted + rejected + 2), 0.99)  # acceptance per drafted token, prior 1/2
-        best, rate = 0, 1.0 / plain
+        best, rate = 0, MARGIN / plain
         for k in range(1, k_max + 1):
             r = (1 - a ** (k + 1)) / (1 - a) / (k * draft + verify)
             if r > rate:
@@ -218,12 +220,9 @@ class Speculator:
         steps = max(todo[s] for s in seqs)
         tokens: dict[Sequence, list[int]] = {s: [] for s in seqs}
         probs: dict[Sequence, list[torch.Tensor]] = {s: [] for s in seqs}
-        cost = self.costs.draft.setdefault(runner.name.removesuffix(DRAFT_STREAM), _Ema())
+        start = time.perf_counter()
         for j in range(steps):
-            t = time.perf_counter()
             logits = runner.forward()  # [B, V], slot order (lanes do not move within a step)
-            if j:  # (the first step also catches up on the context: not a drafting step's cost)
-                cost.add(time.perf_counter() - t)
             # a sequence draws its own k tokens only (the uniforms it consumes must not depend on its batch)
             rows = [i for i, lane in enumerate(lanes) if lane.seq in tokens and len(tokens[lane.seq]) < todo[lane.seq]]
             greedy = [i for i in rows if lanes[i].seq.request.sampling.temperature == 0.0]
@@ -241,6 +240,9 @@ class Speculator:
                 if i in picked:
                     tokens[lane.seq].append(picked[i])
                     lane.feed = [picked[i]] if len(tokens[lane.seq]) < todo[lane.seq] else []
+        # a drafting step's cost: its forward and sampling (the first forward also feeds the accepted tokens)
+        self.costs.draft.setdefault(runner.name.removesuffix(DRAFT_STREAM), _Ema()).add(
+            (time.perf_counter() - start) / steps)
         out = {}
         for i, lane in enumerate(lanes):
             lane.feed = []
