@@ -166,6 +166,7 @@ class EngineCore:
             return []
         self.steps += 1
         prompt_scoring.plan_chunks(self.scheduler.running)
+        prefill = any(not st.forked for st in self.scheduler.running)  # a prompt's prefill: not a decode step's cost
         drafts = self._draft()
         drafted = time.perf_counter()
         logits = self._forward()
@@ -181,7 +182,8 @@ class EngineCore:
         self.outputs.process(outputs)
         self.timers["detok"] += time.perf_counter() - t
         # the step's cost without its drafting, for the choice of how many tokens to draft
-        self.speculator.costs.step(time.perf_counter() - drafted, verified=bool(drafts))
+        if not prefill:
+            self.speculator.costs.step(time.perf_counter() - drafted, verified=bool(drafts))
         return outputs
 
     def _draft(self) -> dict[Sequence, Draft]:

@@ -117,7 +117,7 @@ def draft_scores(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Te
 
 
 class _Ema:
-    def __init__(self, weight: float = 0.1):
+    def __init__(self, weight: float = 0.2):
         self.value: float | None = None
         self.weight = weight
 
@@ -147,7 +147,7 @@ class CostModel:
         plain, verify = self.plain.value, self.verify.value
         draft = 0.0 if drafter is None else self.draft.get(drafter, _Ema()).value
         if plain is None or verify is None or draft is None:
-            return k_max  # not measured yet: draft, and measure
+            return min(1, k_max)  # not measured yet: draft one token (the cheapest round), and measure
         a = min((accepted + 1) / (accepted + rejected + 2), 0.99)  # acceptance per drafted token, prior 1/2
         best, rate = 0, MARGIN / plain
         for k in range(1, k_max + 1):
