@@ -15,7 +15,7 @@ export const KINDS = {
 let uid = 0;
 const nextId = (stem) => `${stem}-${++uid}`;
 
-function el(tag, attrs = {}, ...children) {
+export function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs)) {
     if (k === "class") node.className = v;

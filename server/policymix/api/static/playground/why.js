@@ -6,19 +6,10 @@
 // token whose text is held back (part of a UTF-8 character, a possible stop string) joins the next
 // chunk that has text, so the page shows exactly the API's text and every token stays reachable.
 
+import { el } from "./recipe.js";
+
 const SVG = "http://www.w3.org/2000/svg";
 const fmt = (x, d = 4) => (x === null || x === undefined ? "n/a" : Number(x).toFixed(d));
-
-function el(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (k === "class") node.className = v;
-    else if (k === "text") node.textContent = v;
-    else node.setAttribute(k, v);
-  }
-  node.append(...children);
-  return node;
-}
 
 function table(caption, head, rows, cls) {
   const t = el("table", { class: cls });
