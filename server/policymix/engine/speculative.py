@@ -26,7 +26,8 @@ With a draft policy the draws differ from a step's, so the adaptive switch (no d
 How many tokens to draft (``CostModel``): a round of k drafts emits (1 - a^(k+1)) / (1 - a) tokens on
 average, a = the sequence's acceptance rate so far (Leviathan et al.), and costs k draft steps plus one
 verification step, measured online against a plain step. Each step drafts the k that maximises tokens per
-second, or nothing when no k beats a plain step: a draft policy as costly as the mixture's own policies
+second, or nothing when no k beats a plain step by 10% (prefill steps are not timed; a plain step runs
+at least every 32 steps to keep its time current): a draft policy as costly as the mixture's own policies
 is then not used, and speculation is never much slower than none. (Seeded sequences with a draft policy
 always draft ``num_tokens``: a k chosen from timings would make their tokens depend on the machine.)
 """
