@@ -394,23 +394,14 @@ def _copy(s: SamplingParams) -> SamplingParams:
 
 
 def _speculative(body: _Common, default, search: SearchSpec | None, rerank: RerankSpec | None) -> SpeculativeSpec | None:
-    """The request's own ``speculative`` (null: off), else the server's default; an explicit request that
-    cannot speculate (search, pruning: their candidates move in lockstep) is a 400, a default just stays off."""
+    """The request's own ``speculative`` (null: off; the plan checks it), else the server's default, which stays
+    off where a request cannot speculate (search, pruning: their candidates move in lockstep)."""
     if "speculative" in body.model_fields_set:
-        if body.speculative is None:
-            return None
-        spec = SpeculativeSpec(body.speculative.draft, body.speculative.num_tokens)
-        explicit = True
-    elif default is not None:
-        spec, explicit = SpeculativeSpec(default.draft, default.num_tokens), False
-    else:
+        s = body.speculative
+        return None if s is None else SpeculativeSpec(s.draft, s.num_tokens)
+    if default is None or search is not None or (rerank is not None and rerank.prune_every is not None):
         return None
-    if search is not None or (rerank is not None and rerank.prune_every is not None):
-        if explicit:
-            raise ApiError(400, "speculative cannot be combined with search or rerank.prune (their candidates are "
-                                "scored in lockstep)", param="speculative")
-        return None
-    return spec
+    return SpeculativeSpec(default.draft, default.num_tokens)
 
 
 def _search(body: _Common, max_best_of: int) -> tuple[SearchSpec | None, RerankSpec | None]:

@@ -166,7 +166,6 @@ class EngineCore:
             return []
         self.steps += 1
         prompt_scoring.plan_chunks(self.scheduler.running)
-        prefill = any(not st.forked for st in self.scheduler.running)  # a prompt's prefill: not a decode step's cost
         drafts = self._draft()
         drafted = time.perf_counter()
         logits = self._forward()
@@ -182,7 +181,7 @@ class EngineCore:
         self.outputs.process(outputs)
         self.timers["detok"] += time.perf_counter() - t
         # the step's cost without its drafting, for the choice of how many tokens to draft
-        if not prefill:
+        if self.speculator.timed:
             self.speculator.costs.step(time.perf_counter() - drafted, verified=bool(drafts))
         return outputs
 
@@ -287,7 +286,7 @@ class EngineCore:
                     if st.sampling.max_tokens == 0:  # scoring only: done, no token and no decoding slot
                         self.outputs.finish_unsampled(leader)
         seqs = [s for st in states for s in st.sequences if not s.finished and not s.score_prompt and s not in drafts]
-        verifying = [s for st in states for s in st.sequences if s in drafts and not s.finished]
+        verifying = [s for st in states for s in st.sequences if s in drafts and not s.finished] if drafts else []
         outputs = self._sample(states, seqs, logits) if seqs else []
         if verifying:
             t = time.perf_counter()

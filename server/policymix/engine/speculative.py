@@ -166,19 +166,25 @@ class Speculator:
         self.max_concurrency = max_concurrency
         self.adaptive = adaptive  # choose k by the measured costs (CostModel); else always num_tokens
         self.costs = CostModel()
+        self.timed = False  # this step's cost goes to the cost model (set by ``propose``)
         self.rounds = 0  # steps that verified drafts, and the draft tokens verified and accepted (metrics)
         self.drafted = 0
         self.accepted = 0
 
     def propose(self, states: list[RequestState]) -> dict[Sequence, Draft]:
         """Draft for every sequence that speculates this step and mark its lanes for verification."""
+        speculative = [st for st in states if st.plan.speculative is not None]
+        # the step's cost is timed for the cost model when someone may draft and no prompt is prefilled
+        self.timed = bool(speculative) and all(st.forked for st in states)
+        if not speculative:
+            return {}
         live = sum(1 for st in states for s in st.sequences if not s.finished)
         explore = self.adaptive and self.costs.explore()
         todo: dict[Sequence, int] = {}  # sequence -> tokens to draft
-        for st in states:
+        for st in speculative:
             spec = st.plan.speculative
             # the prefill step drafts too, unless the leader's cache is forked to siblings after it
-            if spec is None or not (st.forked or st.best_of == 1):
+            if not (st.forked or st.best_of == 1):
                 continue
             exempt = st.sampling.seed is not None and not spec.ngram  # module docstring: seeded, policy drafts
             if (live > self.max_concurrency or explore) and not exempt:
