@@ -99,3 +99,37 @@ def formula_greedy(registry, weights: dict[str, float], prompts: dict[str, list[
             raw[tok] -= frequency * out.count(tok) + presence
         out.append(int(raw.argmax()))
     return out
+
+
+TRIGGER_COUNT = 3  # a row holding the trigger id this many times is faulty (only a prompt can: decode feeds 1)
+
+
+class FaultyModel:
+    """A policy's model that fails on the rows of one request: those whose input holds ``trigger`` at least
+    ``TRIGGER_COUNT`` times (a prompt built for it). ``kind``: "oom" raises out of memory for the whole
+    forward those rows are in; "nan" returns NaN logits on those rows; "error" raises a RuntimeError.
+    Installed as ``runner.model`` (the runner calls it with the same keywords as the real model)."""
+
+    def __init__(self, model, trigger: int, kind: str):
+        self.model, self.trigger, self.kind = model, trigger, kind
+        self.config = model.config
+        self.hits: list[int] = []  # the batch size of every forward that held a faulty row
+
+    def __call__(self, **kw):
+        ids = kw["input_ids"]
+        hit = (ids == self.trigger).sum(-1) >= TRIGGER_COUNT  # [B]
+        if bool(hit.any()):
+            self.hits.append(ids.shape[0])
+            if self.kind == "oom":
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+            if self.kind == "error":
+                raise RuntimeError("injected forward failure")
+        out = self.model(**kw)
+        if self.kind == "nan" and bool(hit.any()):
+            out.logits[hit] = float("nan")
+        return out
+
+
+def faulty_prompt(trigger: int) -> list[int]:
+    """Token ids that make a FaultyModel fail (the trigger repeated, between ordinary ids)."""
+    return [5, *([trigger] * TRIGGER_COUNT), 6]

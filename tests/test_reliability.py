@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from api_helpers import LiveServer, sse_events
-from engine_helpers import make_request, submit
+from engine_helpers import FaultyModel, faulty_prompt, make_request, submit
 from policymix.api import build_app
 from policymix.api.auth import hash_key
 from policymix.config import ApiKeySpec
@@ -404,25 +404,28 @@ def test_out_of_memory_at_admission_is_503_and_the_engine_keeps_serving(tiny_reg
     assert again.status_code == 200 and healthy.status_code == 200
 
 
-def test_out_of_memory_in_a_forward_fails_that_batch_with_503(tiny_registry):
+def test_out_of_memory_in_a_forward_fails_only_the_request_whose_rows_raise(tiny_registry):
+    # the batched forward raises; the engine runs its rows one by one: the request whose rows raise alone gets
+    # 503 out_of_memory, the one beside it in the same forwards answers 200 with its full length
+    trigger = 77
     with native_server(tiny_registry) as (srv, engine):
         runner = engine.core.runners["small"]
-        real = runner.forward
-        state = {"n": 0}
+        runner.model = FaultyModel(runner.model, trigger, "oom")
+        slow_down(engine, 0.02)
 
-        def forward():
-            state["n"] += 1
-            if state["n"] == 2:
-                raise torch.OutOfMemoryError("CUDA out of memory (test)")
-            return real()
+        async def run():
+            async with httpx.AsyncClient(base_url=srv.url, timeout=60) as c:
+                ok = asyncio.ensure_future(c.post("/v1/completions", json={
+                    "model": "small", "prompt": "Hi", "max_tokens": 40, "ignore_eos": True}))
+                await asyncio.sleep(0.2)
+                bad = await c.post("/v1/completions", json={"model": "small", "prompt": faulty_prompt(trigger),
+                                                            "max_tokens": 5})
+                return bad, await ok
 
-        runner.forward = forward
-        r = httpx.post(f"{srv.url}/v1/completions", json={"model": "small", "prompt": "Hi", "max_tokens": 5,
-                                                          "ignore_eos": True}, timeout=60)
-        ok = httpx.post(f"{srv.url}/v1/completions", json={"model": "small", "prompt": "Hi", "max_tokens": 5},
-                        timeout=60)
-    assert r.status_code == 503 and envelope(r)["code"] == "out_of_memory"
-    assert ok.status_code == 200
+        bad, ok = asyncio.run(run())
+    assert max(runner.model.hits) >= 2, "the faulty rows never shared a forward"  # the batch, then the row alone
+    assert bad.status_code == 503 and envelope(bad)["code"] == "out_of_memory"
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 40
 
 
 def test_health_turns_503_when_the_engine_loop_dies_and_nobody_is_left_waiting(tiny_registry):

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .messages import ChatMessage
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -65,7 +66,7 @@ class VariantSpec(_Strict):
 
     policy: str
     prompt: str | list[int] | None = None  # a completions prompt (text or token ids)
-    messages: list[dict[str, Any]] | None = None  # a chat conversation (chat requests only)
+    messages: list[ChatMessage] | None = None  # a chat conversation (chat requests only)
     system_prompt: str | None = None  # the request's own prompt under this system prompt
 
 
@@ -74,7 +75,7 @@ class GuidanceSpec(_Strict):
 
     policy: str
     scale: float
-    negative_prompt: str | list[dict[str, Any]] | None = None  # None or "": the unconditional context
+    negative_prompt: str | list[ChatMessage] | None = None  # None or "": the unconditional context
 
 
 class ContextAwareSpec(_Strict):

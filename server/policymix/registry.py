@@ -47,7 +47,7 @@ class LoadedPolicy:
 
     def info(self) -> PolicyInfo:
         return PolicyInfo(self.name, self.kind, self.family, self.spec.reference, self.beta,
-                          self.spec.protected, self.spec.floor)
+                          self.spec.protected, self.spec.floor, bool(self.spec.system_prompt))
 
     def render(self, prompt: Prompt, with_system_prompt: bool = True, system_prompt: str | None = None) -> list[int]:
         """Token ids of ``prompt`` as this policy sees it: its own system prompt included (unless not asked),

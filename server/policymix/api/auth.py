@@ -19,6 +19,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from ..config import ApiKeySpec, Config
 from ..errors import Overloaded
+from ..engine.protocol import RequestPlan
 from ..mixing.recipes import CompiledRecipe
 from .errors import ApiError
 
@@ -39,16 +40,23 @@ class ApiKey:
     def name(self) -> str:
         return self.spec.name or self.spec.key_sha256[:8]
 
-    def acquire(self) -> None:
-        """Take one of the key's concurrent-request slots (429 when none is free); ``release`` it after."""
+    def acquire(self, count: int = 1) -> None:
+        """Take ``count`` of the key's concurrent-request slots (a batched completion holds one per prompt; 429
+        when too few are free, 400 when the batch could never fit); ``release`` them after."""
         limit = self.spec.max_concurrent
-        if limit is not None and self.active >= limit:
-            raise Overloaded(f"API key {self.name!r} already has {limit} requests in flight", status=429,
-                             retry_after=1.0)
-        self.active += 1
+        if limit is not None and count > limit:
+            raise ApiError(400, f"a batch of {count} prompts is more than API key {self.name!r} may run at once "
+                           f"({limit}); send at most {limit} per request", param="prompt", code="key_limit_exceeded")
+        if limit is not None and self.active + count > limit:
+            raise Overloaded(f"API key {self.name!r} already has {self.active} of its {limit} requests in flight",
+                             status=429, retry_after=1.0)
+        self.active += count
 
-    def release(self) -> None:
-        self.active -= 1
+    def release(self, count: int = 1) -> None:
+        self.active -= count
+
+    def allows(self, policy: str) -> bool:
+        return self.spec.policies is None or policy in self.spec.policies
 
     def authorize(self, model: str, mixture: Any, recipe: CompiledRecipe, rerank: Any = None) -> None:
         """403 unless the key may use this model, mixture and every policy that runs (and scores)."""
@@ -71,18 +79,20 @@ class ApiKey:
             if policy not in allowed:
                 raise _forbidden(f"API key {self.name!r} may not use `{policy}` for reranking", "rerank")
 
-    def authorize_policies(self, policies: list[str], recipe: CompiledRecipe) -> None:
-        """403 unless the key may use every policy a request's plan runs or scores with (the recipe's, the
-        observers of token signals and implicit reranking, a reward model), on either engine."""
+    def authorize_plan(self, plan: RequestPlan) -> None:
+        """403 unless the key may use every policy a request's plan runs or scores with (the recipe's and its
+        variants', the observers of token signals and implicit reranking, a reward model, a draft policy), on
+        either engine; the message names the field that brought the policy in."""
         if self.spec.policies is None:
             return
+        recipe = plan.request.recipe
         allowed = set(self.spec.policies)
-        if recipe.mixture_name is not None and recipe.mixture_name in allowed:
-            allowed |= set(recipe.weights)
-        for policy in policies:
+        if recipe.mixture_name is not None and recipe.mixture_name in allowed:  # it grants what it mixes
+            allowed |= {recipe.policy_of(n) for n in recipe.weights}
+        for policy, field in _plan_fields(plan).items():
             if policy not in allowed:
-                raise _forbidden(f"API key {self.name!r} may not use policy `{policy}`, which return_token_signals "
-                                 "would run", "return_token_signals")
+                raise _forbidden(f"API key {self.name!r} may not use policy `{policy}`, which {field} would run",
+                                 field)
 
     def check_limits(self, max_tokens: int | None, best_of: int) -> None:
         spec = self.spec
@@ -92,6 +102,27 @@ class ApiKey:
         if spec.max_best_of is not None and best_of > spec.max_best_of:
             raise _forbidden(f"best_of {best_of} exceeds this API key's limit of {spec.max_best_of}",
                              "best_of", code="key_limit_exceeded")
+
+
+def _plan_fields(plan: RequestPlan) -> dict[str, str]:
+    """Each policy a plan uses -> the request field that brought it in (the first one, in this order)."""
+    req = plan.request
+    fields: dict[str, str] = {}
+    for stream in plan.weights:
+        if stream not in plan.observers:
+            fields.setdefault(plan.policy_of(stream), "mixture")
+    rr = req.rerank
+    if rr is not None and rr.kind == "implicit":
+        for p in (rr.implicit.policy, rr.implicit.reference):
+            fields.setdefault(p, "search.scorer" if req.search is not None else "rerank.implicit")
+    for p in plan.scorers:
+        fields.setdefault(p, "rerank.reward_model")
+    if plan.signal_pair is not None:
+        for p in (plan.signal_pair.policy, plan.signal_pair.reference):
+            fields.setdefault(p, "return_token_signals")
+    for p in plan.policies:  # what is left: the draft policy
+        fields.setdefault(p, "speculative.draft")
+    return fields
 
 
 def _rerank_policies(rerank: Any) -> list[str]:

@@ -7,12 +7,17 @@ OpenAI's shapes plus one ``policymix`` extension object (docs/api.md).
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..errors import PolicymixError
+from ..messages import ChatMessage, TextPart  # noqa: F401 - re-exported: the request types of chat
 
 MAX_LOGPROBS = 20
+_SURROGATE = re.compile("[\ud800-\udfff]")
 MAX_N = 128
 _INT64 = 2**63
 
@@ -21,6 +26,37 @@ _INT64 = 2**63
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_lone_surrogates(cls, body: Any) -> Any:
+        # JSON may escape a lone UTF-16 surrogate ("\ud800"); no tokenizer, log line or response can encode
+        # it, so it is refused here, in any field (extra_body's included), before anything reads the body
+        where = lone_surrogate(body)
+        if where is not None:
+            raise PolicymixError(f"{where or 'body'}: the text holds a lone UTF-16 surrogate, which is not valid "
+                                 "Unicode", param=where or None)
+        return body
+
+
+def lone_surrogate(value: Any, path: str = "") -> str | None:
+    """The dotted path of the first string (or object key) in ``value`` holding a lone surrogate, else None."""
+    if isinstance(value, str):
+        return path if _SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            here = f"{path}.{k}" if path else str(k)
+            if isinstance(k, str) and _SURROGATE.search(k):
+                return path or "body"  # the key itself cannot be named safely
+            found = lone_surrogate(v, here)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = lone_surrogate(v, f"{path}.{i}" if path else str(i))
+            if found is not None:
+                return found
+    return None
 
 
 class _Part(BaseModel):
@@ -165,24 +201,6 @@ class CompletionRequest(_Common):
         if isinstance(p, str) or (p and isinstance(p[0], int)):
             return [p]
         return list(p)
-
-
-class TextPart(_Part):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(_Part):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-
-    def text(self) -> str:
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "\n".join(p.text for p in self.content)
 
 
 class ChatCompletionRequest(_Common):

@@ -24,6 +24,7 @@ from pydantic import BaseModel
 
 from ..config import Config
 from ..engine.protocol import (
+    SAMPLING_EPS,
     EngineClient,
     ErrorKind,
     GenerationRequest,
@@ -93,7 +94,8 @@ class Serving:
         self.token_texts = TokenTextCache()
         self._cards: list[ModelCard] | None = None
         # what the mixing guard needs to know of each policy (protected, floor) comes from the config
-        self.guarded = {name: PolicyInfo(name, p.kind, -1, p.reference, p.beta, p.protected, p.floor)
+        self.guarded = {name: PolicyInfo(name, p.kind, -1, p.reference, p.beta, p.protected, p.floor,
+                                         bool(p.system_prompt))
                         for name, p in config.policies.items()}
 
     def cards(self) -> list[ModelCard]:
@@ -195,11 +197,14 @@ class Serving:
         recipe = self.engine.compile(body.model, body.mixture)
         if key is not None:
             key.authorize(body.model, body.mixture, recipe, body.search.scorer if body.search else body.rerank)
+        search, rerank = _search(body, self.config.server.max_best_of)
+        scorers = []  # implicit rewards that select text: the guard checks their coefficients too
+        if rerank is not None and rerank.kind == "implicit":
+            scorers.append(("search.scorer.implicit" if search is not None else "rerank.implicit", rerank.implicit))
         check_recipe(recipe, self.guarded, self.config.server.guard,
                      allow_inversion=key is not None and key.spec.allow_inversion,
-                     who=key.name if key is not None else "anonymous")
+                     who=key.name if key is not None else "anonymous", scorers=scorers)
         tokenizer = self.engine.tokenizer(recipe.policy_of(next(iter(recipe.active))))
-        search, rerank = _search(body, self.config.server.max_best_of)
         if search is not None and body.search.max_tokens is not None:
             max_tokens = body.search.max_tokens
         sampling = self._sampling(body, max_tokens, logprobs, len(tokenizer))
@@ -209,7 +214,15 @@ class Serving:
         sampling.prompt_logprobs = max(wanted) if wanted else None  # one scoring pass serves both shapes
         if key is not None:
             key.check_limits(max_tokens, max(sampling.n, sampling.best_of or 1))
-        speculative = _speculative(body, self.config.server.speculative, search, rerank)
+        default = self.config.server.speculative
+        if default is not None and key is not None and not key.allows(default.draft) and default.draft != "ngram":
+            default = None  # the server's choice of draft never refuses a key: its requests run undrafted
+        speculative = _speculative(body, default, search, rerank)
+        srv = self.config.server
+        room = srv.max_queue + max(1, srv.max_num_seqs // sampling.candidates)  # prompts that can ever be in
+        if len(prompts) > room:
+            raise ApiError(400, f"a batch of {len(prompts)} prompts can never fit this server (at most {room} "
+                           f"with {sampling.candidates} sequences each); split it", param="prompt")
         response_id = f"{prefix}-{uuid.uuid4().hex}"
         now = time.monotonic()
         timeout = self.config.server.request_timeout_s
@@ -226,7 +239,7 @@ class Serving:
             )
             plan = self.engine.plan(req)  # bad input, a prompt past the context: raised here, naming the field
             if key is not None:  # every policy the plan runs or scores with: recipe, observers, reward model
-                key.authorize_policies(plan.policies, recipe)
+                key.authorize_plan(plan)
             plans.append(plan)
         stream = bool(body.stream)
         include_usage = bool(stream and body.stream_options and body.stream_options.include_usage)
@@ -265,7 +278,7 @@ class Serving:
 
     async def _respond(self, job: Job, http: Request) -> Response:
         if job.key is not None:
-            job.key.acquire()
+            job.key.acquire(len(job.plans))
         trackers = [self.metrics.track(job.model) for _ in job.plans]
         events = self._events(job, trackers)
         try:
@@ -293,7 +306,7 @@ class Serving:
         for t in trackers:
             t.finish(outcome)
         if job.key is not None:
-            job.key.release()
+            job.key.release(len(job.plans))
             job.key = None
 
     async def _events(self, job: Job, trackers: list[RequestTracker]) -> AsyncIterator[tuple[int, Any]]:
@@ -412,7 +425,7 @@ def _search(body: _Common, max_best_of: int) -> tuple[SearchSpec | None, RerankS
     if body.rerank is not None or body.best_of is not None or (body.n or 1) != 1:
         raise ApiError(400, "search returns one sequence and ranks with search.scorer: drop n, best_of and rerank",
                        param="search")
-    if body.temperature == 0:
+    if body.temperature is not None and body.temperature < SAMPLING_EPS:
         raise ApiError(400, "search samples its chunks: it needs temperature > 0", param="search")
     if s.beam_width * s.expand > max_best_of:
         raise ApiError(400, f"search.beam_width x search.expand = {s.beam_width * s.expand} is above the server's "

@@ -207,15 +207,18 @@ class EngineCore:
             results = list(self.parallel.map(_timed_forward, [runner for _, runner in active]))
         else:
             results = [_timed_forward(runner) for _, runner in active]
+        # each batch's lanes as its rows hold them: failing a request below frees its lanes in every runner
+        slots = {name: list(runner.slots) for name, runner in active}
         logits: dict[str, PolicyLogits] = {}
         for (name, runner), (lp, err, seconds) in zip(active, results):
             self.timers[f"forward:{name}"] += seconds
-            if err is not None:  # fail the requests in this batch, keep serving
-                log.error("forward of policy %s failed", name, exc_info=err)
-                runner.position_logits.clear()
-                for state in dict.fromkeys(lane.seq.request for lane in runner.slots):
-                    self.scheduler.fail(state, *failure_of(err, f"in the forward of policy {name}"))
-                continue
+            if err is not None:  # find the rows that fail: only their requests end, the others keep their step
+                log.error("forward of policy %s failed; running its rows one by one", name, exc_info=err)
+                t = time.perf_counter()
+                lp, failed = runner.forward_alone()
+                self.timers[f"forward:{name}"] += time.perf_counter() - t
+                for lane, row_err in failed.items():
+                    self.scheduler.fail(lane.seq.request, *failure_of(row_err, f"in the forward of policy {name}"))
             positions = {}
             for lane, full in runner.position_logits.items():
                 if lane.seq.score_prompt:  # scored prefills: into one mixed buffer each
@@ -223,7 +226,7 @@ class EngineCore:
                 else:  # a verification: read by _verify
                     positions[lane] = full
             runner.position_logits.clear()
-            logits[name] = PolicyLogits(lp, list(runner.slots), positions)
+            logits[name] = PolicyLogits(lp, slots[name], positions)
         return logits
 
     @staticmethod
@@ -328,11 +331,9 @@ class EngineCore:
         rows = [self._row_sampling(seq) for seq in seqs]
         try:
             tokens = sample_rows(mixed, rows)
-        except Exception as err:  # noqa: BLE001 - these requests fail, the engine goes on
-            log.exception("sampling failed")
-            for seq in seqs:
-                self.scheduler.fail(seq.request, *failure_of(err, "sampling"))
-            return []
+        except Exception:  # noqa: BLE001 - find the rows that fail: only their requests end
+            log.exception("sampling a batch failed; sampling its rows one by one")
+            seqs, tokens = self._sample_alone(seqs, mixed, rows)
         self.timers["sample"] += time.perf_counter() - t
         t = time.perf_counter()
         outputs = [StepOutput(seq, tok) for seq, tok in zip(seqs, tokens)]
@@ -340,6 +341,24 @@ class EngineCore:
                        lambda i, stream: logits[seqs[i].request.plan.policy_of(stream)].logprobs(seqs[i], stream))
         self.timers["detok"] += time.perf_counter() - t
         return outputs
+
+    def _sample_alone(self, seqs: list[Sequence], mixed: torch.Tensor,
+                      rows: list[RowSampling]) -> tuple[list[Sequence], list[int]]:
+        """Each row sampled by itself (after a batch failed): a row that raises fails its request, the others
+        get the token the batch would have given them (a row's draw depends on that row alone; the batch drew
+        nothing from any generator before it failed, since draws come last)."""
+        kept, tokens = [], []
+        for seq, row in zip(seqs, rows):
+            if seq.request.status == Status.FINISHED:  # a sibling's row failed first
+                continue
+            try:
+                tokens.append(sample_rows(mixed, [row])[0])
+            except Exception as err:  # noqa: BLE001 - this request fails, the engine goes on
+                self.scheduler.fail(seq.request, *failure_of(err, "sampling"))
+                continue
+            kept.append(seq)
+        alive = [i for i, seq in enumerate(kept) if seq.request.status != Status.FINISHED]
+        return [kept[i] for i in alive], [tokens[i] for i in alive]
 
     def _verify(self, seqs: list[Sequence], drafts: dict[Sequence, Draft],
                 logits: dict[str, PolicyLogits]) -> list[StepOutput]:

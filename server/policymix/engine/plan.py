@@ -14,11 +14,13 @@ from dataclasses import replace
 from ..errors import PolicymixError
 from ..mixing.recipes import Variant
 from ..registry import Registry
-from .protocol import GenerationRequest, ImplicitRewardSpec, Prompt, RequestPlan
+from .protocol import SAMPLING_EPS, GenerationRequest, ImplicitRewardSpec, Prompt, RequestPlan
 from .speculative import DRAFT_STREAM, drafter_key
 
 
 def make_plan(registry: Registry, req: GenerationRequest) -> RequestPlan:
+    if 0.0 < req.sampling.temperature < SAMPLING_EPS:  # greedy, as vLLM samples it
+        req = replace(req, sampling=replace(req.sampling, temperature=0.0))
     pair, observers = _check(registry, req)
     weights = dict(req.recipe.active)
     for name in observers:
@@ -61,6 +63,8 @@ def make_plan(registry: Registry, req: GenerationRequest) -> RequestPlan:
     eos = frozenset().union(*(registry.policies[req.recipe.policy_of(n)].eos_ids for n in req.recipe.active))
     scorers = (req.rerank.reward_model,) if req.rerank is not None and req.rerank.kind == "reward_model" else ()
     draft_prompt = _draft_prompt(registry, req, prompt)
+    _check_token_ids(registry, [*{req.recipe.policy_of(n) for n in weights},
+                                *([req.speculative.draft] if draft_prompt is not None else [])], sp)
     return RequestPlan(
         request=req, sampling=replace(sp, max_tokens=max_tokens, stop=list(sp.stop),
                                       stop_token_ids=list(sp.stop_token_ids), logit_bias=dict(sp.logit_bias)),
@@ -70,6 +74,16 @@ def make_plan(registry: Registry, req: GenerationRequest) -> RequestPlan:
                    **({DRAFT_STREAM: drafter_key(req.speculative.draft)} if draft_prompt is not None else {})},
         speculative=req.speculative,
         draft_prompt=draft_prompt)
+
+
+def _check_token_ids(registry: Registry, policies: list[str], sp) -> None:
+    """Every token id the sampling fields carry must index the vocabulary of every policy the request reaches
+    (prompt ids are checked as each policy renders them): an id past it would fail the whole step's sampling."""
+    vocab = min(registry.policies[p].vocab_size for p in policies)
+    for field, ids in (("stop_token_ids", sp.stop_token_ids), ("logit_bias", sp.logit_bias)):
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise PolicymixError(f"{field}: token id {bad} is outside the vocabulary (0..{vocab - 1})", param=field)
 
 
 def _draft_prompt(registry: Registry, req: GenerationRequest, prompt: Prompt) -> list[int] | None:

@@ -15,6 +15,9 @@ from ..mixing.recipes import CompiledRecipe
 from ..request_types import ImplicitRewardSpec, Prompt  # noqa: F401 - re-exported: the boundary's request types
 
 
+SAMPLING_EPS = 1e-5  # vLLM's: a temperature below it samples greedily (1 / T would overflow float32 scores)
+
+
 @dataclass
 class SamplingParams:
     """Per-request decoding settings (OpenAI + vLLM names)."""

@@ -105,21 +105,43 @@ class PolicyRunner:
     @torch.inference_mode()  # the cache's buffers are made and changed only in inference mode (kv_cache.py)
     def forward(self) -> torch.Tensor:
         """Feed every slot's pending tokens; return the next token's logits [B, V] (float32, rows in slot
-        order). Not normalised: the core mixes raw logits (see ``core._mix``)."""
+        order). Not normalised: the core mixes raw logits (see ``core._mix``). If it raises, nothing has
+        changed but cells past every slot's length (overwritten later): the step can be run again."""
         feeds = [lane.step_feed() for lane in self.slots]
         scoring = [lane.seq.score_prompt for lane in self.slots]
         parts = self._scored_parts(feeds, scoring) if any(scoring) else [(lo, hi, False) for lo, hi in self._parts(feeds)]
-        verify = [lane.verify for lane in self.slots]
-        lps = []
-        for lo, hi, scored in parts:
-            keep = len(feeds[lo]) if scored else max(verify[lo:hi])  # trailing positions whose logits are kept
-            lps.append(self._forward_rows(feeds, lo, hi, whole=len(parts) == 1 and not keep, keep=keep))
+        lps = [self._forward_part(feeds, lo, hi, scored, whole=len(parts) == 1) for lo, hi, scored in parts]
+        self._fed(feeds)
         self.split_steps += len(parts) > 1
+        return lps[0] if len(lps) == 1 else torch.cat(lps)
+
+    @torch.inference_mode()
+    def forward_alone(self) -> tuple[torch.Tensor, dict]:
+        """``forward`` with each row in a forward of its own, after a batched one failed: (logits [B, V], the
+        lanes whose rows raised -> their error; their rows are NaN). A row's logits do not depend on the other
+        rows of its batch, so the rows that succeed get the logits the batch would have given them."""
+        self.position_logits.clear()
+        feeds = [lane.step_feed() for lane in self.slots]
+        lps, failed = [], {}
+        for i, lane in enumerate(self.slots):
+            try:
+                lps.append(self._forward_part(feeds, i, i + 1, lane.seq.score_prompt, whole=False))
+            except Exception as err:  # noqa: BLE001 - the core fails this lane's request
+                failed[lane] = err
+                lps.append(torch.full((1, self.vocab_size), float("nan"), device=self.device))
+        self._fed(feeds)
+        return torch.cat(lps), failed
+
+    def _forward_part(self, feeds: list[list[int]], lo: int, hi: int, scored: bool, whole: bool) -> torch.Tensor:
+        keep = len(feeds[lo]) if scored else max(lane.verify for lane in self.slots[lo:hi])  # positions kept
+        return self._forward_rows(feeds, lo, hi, whole=whole and not keep, keep=keep)
+
+    def _fed(self, feeds: list[list[int]]) -> None:
+        """The step's feeds are in the cache: lengths move on, the feeds are consumed."""
         for i, (lane, f) in enumerate(zip(self.slots, feeds)):
             self.lengths[i] += len(f)
             del lane.feed[: len(f)]
         self.forwards += 1
-        return lps[0] if len(lps) == 1 else torch.cat(lps)
 
     @staticmethod
     def _parts(feeds: list[list[int]]) -> list[tuple[int, int]]:

@@ -40,6 +40,11 @@ class PolicyInfo:
     beta: float | None = None
     protected: bool = False
     floor: float = 0.0
+    prompted: bool = False  # it carries a system prompt of its own (a prompted policy)
+
+
+# variant sources that render the policy without its own system prompt (replaced, dropped, or no context)
+WITHOUT_SYSTEM_PROMPT = ("system_prompt", "drop_system", "drop_context", "unconditional")
 
 
 @dataclass(frozen=True)
@@ -229,7 +234,10 @@ def compile_recipe(
             recipe = Recipe.model_validate(recipe)
         except ValidationError as err:
             first = err.errors()[0]
-            field = ".".join(["mixture", *(str(p) for p in first["loc"])])
+            # union members add tags to the location ("str", "list[ChatMessage]"): fields are lower-case names
+            loc = [str(p) for p in first["loc"] if not (isinstance(p, str) and ("[" in p or p[:1].isupper()
+                                                                              or p in ("str", "int", "float")))]
+            field = ".".join(["mixture", *loc])
             raise RecipeError(f"{field}: {first['msg']}", param=field) from None
 
     form = _form_of(recipe)
@@ -282,11 +290,15 @@ def _variants(r: Recipe, policies: Mapping[str, PolicyInfo], mixtures: Mapping[s
         source, value = given[0]
         if not value:
             raise RecipeError(f"{field_}.{source}: an empty variant", param=f"{field_}.{source}")
+        if source == "messages":  # typed (config.VariantSpec): rendered as the request's own messages are
+            value = [m.as_dict() for m in value]
         out[name] = Variant(v.policy, source, value, field_)
     if r.guidance is not None:
         g = r.guidance
         _served_policy(g.policy, policies, "mixture.guidance.policy")
         neg = g.negative_prompt
+        if isinstance(neg, list):
+            neg = [m.as_dict() for m in neg]
         out[f"{g.policy}[neg]"] = Variant(g.policy, "unconditional", None, "mixture.guidance") if not neg else \
             Variant(g.policy, "messages" if isinstance(neg, list) else "negative", neg, "mixture.guidance.negative_prompt")
     if r.context_aware is not None:
