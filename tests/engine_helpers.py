@@ -133,3 +133,14 @@ class FaultyModel:
 def faulty_prompt(trigger: int) -> list[int]:
     """Token ids that make a FaultyModel fail (the trigger repeated, between ordinary ids)."""
     return [5, *([trigger] * TRIGGER_COUNT), 6]
+
+
+class ExplodingRewardModel(torch.nn.Module):
+    """A reward model whose forward raises (installed as a reward policy's ``model``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # where scoring looks for the device
+
+    def forward(self, *a, **k):
+        raise RuntimeError("reward model exploded")

