@@ -91,6 +91,23 @@ class Registry:
     config: Config
     policies: dict[str, LoadedPolicy] = field(default_factory=dict)
 
+    def runner_key(self, name: str) -> str:
+        """The name of the runner that computes policy ``name``'s forwards: the first causal policy holding the
+        same loaded weights (prompted policies share their model's runner, each context a lane of its forward)."""
+        keys = self.__dict__.get("_runner_keys")
+        if keys is None:
+            first: dict[int, str] = {}
+            keys = {}
+            for n, p in self.policies.items():
+                if p.kind == "causal":
+                    keys[n] = first.setdefault(id(p.model), n) if p.model is not None else n
+            self.__dict__["_runner_keys"] = keys
+        return keys.get(name, name)
+
+    def runner_policies(self, runner: str) -> list[str]:
+        """The policies a runner computes (``runner_key`` inverted)."""
+        return [n for n in self.policies if self.policies[n].kind == "causal" and self.runner_key(n) == runner]
+
     def infos(self) -> dict[str, PolicyInfo]:
         return {name: p.info() for name, p in self.policies.items()}
 

@@ -70,24 +70,29 @@ class EngineCore:
     def __init__(self, registry: Registry):
         self.registry = registry
         srv = registry.config.server
+        # one runner per set of weights: policies that share a loaded model (prompted policies) are lanes of
+        # one forward, named after the first of them (registry.runner_key)
         self.runners: dict[str, PolicyRunner] = {}
         for name, p in registry.policies.items():
-            if p.kind != "causal":
+            if p.kind != "causal" or registry.runner_key(name) != name:
                 continue
             tok = p.tokenizer
             pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
             self.runners[name] = PolicyRunner(name, p.model, p.vocab_size, pad, p.device, p.dtype,
                                               decode=_decode_mode(srv.decode, p.device), cpu_linear=srv.cpu_linear)
-        # speculative decoding: each policy can draft, on a cache of its own that starts small
-        self.drafters = {name: PolicyRunner(drafter_key(name), r.model, r.vocab_size, r.pad_id, r.device, r.dtype,
-                                            cpu_linear=srv.cpu_linear, slots=1, capacity=16)
+        # speculative decoding: each set of weights can draft, on a cache of its own that starts small
+        self.drafters = {drafter_key(name): PolicyRunner(drafter_key(name), r.model, r.vocab_size, r.pad_id, r.device,
+                                                         r.dtype, cpu_linear=srv.cpu_linear, slots=1, capacity=16)
                          for name, r in self.runners.items()}
         spec = srv.speculative
         self.speculator = Speculator(self.drafters, spec.max_concurrency if spec else DEFAULT_MAX_CONCURRENCY,
                                      spec.adaptive if spec else True)
-        kv_budget = {n: srv.kv_budget_tokens or srv.max_num_seqs * registry.max_model_len(p.family)
-                     for n, p in registry.policies.items()}
-        self.scheduler = Scheduler({**self.runners, **{r.name: r for r in self.drafters.values()}}, kv_budget,
+        # a runner's budget is its policies' (kv_budget_tokens is per policy; a shared runner holds them all)
+        kv_budget = {n: len(registry.runner_policies(n)) * (
+            srv.kv_budget_tokens or srv.max_num_seqs * registry.max_model_len(registry.policies[n].family))
+            for n in self.runners}
+        kv_budget.update({drafter_key(n): budget for n, budget in kv_budget.items()})
+        self.scheduler = Scheduler({**self.runners, **self.drafters}, kv_budget,
                                    srv.max_num_seqs, srv.max_queue, lambda name: registry.policies[name].tokenizer)
         self.parallel = _parallel_forwards(srv.policy_parallel, self.runners)
         self.outputs = OutputProcessor(registry, self.scheduler)
@@ -304,7 +309,9 @@ class EngineCore:
         # rows follow the slot order of the largest policy batch, so that its logits (and those of every
         # policy whose slots hold the same sequences, as in one-recipe traffic) need no gather
         big = max(policies, key=lambda p: len(logits[p].slots))
-        anchor = {lane.seq.seq_id: i for i, lane in enumerate(logits[big].slots) if lane.stream == big}
+        anchor: dict[int, int] = {}
+        for i, lane in enumerate(logits[big].slots):  # a sequence's first lane there (a runner may hold several)
+            anchor.setdefault(lane.seq.seq_id, i)
         seqs.sort(key=lambda s: anchor.get(s.seq_id, len(anchor)))
         for row, seq in enumerate(seqs):
             seq.row = row
@@ -338,7 +345,7 @@ class EngineCore:
         t = time.perf_counter()
         outputs = [StepOutput(seq, tok) for seq, tok in zip(seqs, tokens)]
         self._annotate(outputs, mixed, [s.row for s in seqs],
-                       lambda i, stream: logits[seqs[i].request.plan.policy_of(stream)].logprobs(seqs[i], stream))
+                       lambda i, stream: logits[seqs[i].request.plan.runner(stream)].logprobs(seqs[i], stream))
         self.timers["detok"] += time.perf_counter() - t
         return outputs
 
@@ -374,7 +381,7 @@ class EngineCore:
                 mixed = None  # [k + 1, V] = sum_k w_k * l_k at every verified position
                 for stream, w in plan.weights.items():
                     if w != 0.0:
-                        x = logits[plan.policy_of(stream)].positions[seq.lanes[stream]]
+                        x = logits[plan.runner(stream)].positions[seq.lanes[stream]]
                         mixed = x * w if mixed is None else mixed.add_(x, alpha=w)
                 if not torch.isfinite(mixed.amax(dim=-1)).all():
                     self.scheduler.fail(state, ErrorKind.INTERNAL, "the mixed distribution is not finite (NaN or "
@@ -391,7 +398,7 @@ class EngineCore:
                     self.scheduler.fork(state)
                 self.speculator.settle(seq, draft, emitted, accepted, self.runners)
                 outs = [StepOutput(seq, tok, fed=True) for tok in emitted]
-                lanes = {stream: logits[plan.policy_of(stream)].positions[lane] for stream, lane in seq.lanes.items()
+                lanes = {stream: logits[plan.runner(stream)].positions[lane] for stream, lane in seq.lanes.items()
                          if stream in plan.weights}
                 normalised: dict[str, torch.Tensor] = {}
 

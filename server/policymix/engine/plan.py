@@ -70,8 +70,9 @@ def make_plan(registry: Registry, req: GenerationRequest) -> RequestPlan:
                                       stop_token_ids=list(sp.stop_token_ids), logit_bias=dict(sp.logit_bias)),
         weights=weights, observers=tuple(n for n in observers if n not in req.recipe.active), scorers=scorers,
         prompts=prompts, eos_ids=eos, signal_pair=pair if req.return_token_signals else None, scored=scored,
-        runner_of={**{name: v.policy for name, v in variants.items()},
-                   **({DRAFT_STREAM: drafter_key(req.speculative.draft)} if draft_prompt is not None else {})},
+        runner_of={**{s: registry.runner_key(req.recipe.policy_of(s)) for s in prompts},
+                   **({DRAFT_STREAM: drafter_key(registry.runner_key(req.speculative.draft))}
+                      if draft_prompt is not None else {})},
         speculative=req.speculative,
         draft_prompt=draft_prompt)
 

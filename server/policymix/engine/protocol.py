@@ -236,11 +236,18 @@ class RequestPlan:
     eos_ids: frozenset[int]  # EOS of the recipe's policies (observers never change when a text ends)
     signal_pair: ImplicitRewardSpec | None  # token signals' (policy, reference, beta), when asked for
     scored: list[int] | None = None  # with prompt logprobs: the tokens scored, the end of every policy's prompt
-    runner_of: dict[str, str] = field(default_factory=dict)  # prompt variant -> the policy whose weights run it
+    # stream -> the runner that computes it (engines that run policies themselves): policies that share
+    # weights share one runner, each stream a lane of its forward; the draft stream -> its drafter runner
+    runner_of: dict[str, str] = field(default_factory=dict)
     speculative: SpeculativeSpec | None = None  # what drafts for the request (None: no speculation)
     draft_prompt: list[int] | None = None  # a draft policy's rendering of the prompt
 
     def policy_of(self, stream: str) -> str:
+        """The served policy behind a stream (a prompt variant's policy, else the stream itself)."""
+        return self.request.recipe.policy_of(stream)
+
+    def runner(self, stream: str) -> str:
+        """The runner whose forward computes ``stream`` (its policy's name where it owns its weights)."""
         return self.runner_of.get(stream, stream)
 
     @property
@@ -253,7 +260,8 @@ class RequestPlan:
     @cached_property  # read every step; a plan does not change
     def leader(self) -> str:
         """The stream whose rendering detokenizes the output: the recipe's first policy that is not a variant."""
-        return next((s for s in self.weights if s not in self.runner_of), next(iter(self.weights)))
+        variants = self.request.recipe.variants
+        return next((s for s in self.weights if s not in variants), next(iter(self.weights)))
 
     @cached_property  # read every step; a plan does not change
     def prompt_len(self) -> int:
@@ -263,16 +271,16 @@ class RequestPlan:
     def candidates(self) -> int:
         return self.sampling.candidates
 
-    def reserved_tokens(self, policy: str) -> int:
-        """KV cells the request may need in ``policy``'s cache (every candidate's prompt and output, in each of
-        its contexts there: the policy's own and its prompt variants')."""
+    def reserved_tokens(self, runner: str) -> int:
+        """KV cells the request may need in ``runner``'s cache (every candidate's prompt and output, in each of
+        its contexts there: each policy's own and its prompt variants')."""
         return sum(self.candidates * (len(prompt) + self.sampling.max_tokens)
-                   for stream, prompt in self.prompts.items() if self.policy_of(stream) == policy)
+                   for stream, prompt in self.prompts.items() if self.runner(stream) == runner)
 
     @cached_property  # read every step; a plan does not change
     def runners(self) -> list[str]:
-        """The policies whose forwards the request runs (each stream's)."""
-        return list(dict.fromkeys(self.policy_of(s) for s in self.prompts))
+        """The runners whose forwards the request runs (each stream's)."""
+        return list(dict.fromkeys(self.runner(s) for s in self.prompts))
 
     def seed(self, index: int) -> int | None:
         """Candidate ``index``'s sampling seed: distinct per candidate and repeatable (None: unseeded)."""

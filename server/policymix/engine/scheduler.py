@@ -120,7 +120,7 @@ class Scheduler:
                 leader.score_prompt, leader.score_left = True, len(state.plan.scored)
             for stream, prompt in state.prompts.items():
                 lane = leader.lanes[stream] = Lane(leader, stream, list(prompt))
-                self.runners[state.plan.policy_of(stream)].add(lane)
+                self.runners[state.plan.runner(stream)].add(lane)
             self.running[state] = None
 
     def _grow_caches(self, state: RequestState) -> bool:
@@ -128,7 +128,7 @@ class Scheduler:
         running out of memory refuses this request instead of failing a step everyone shares."""
         try:
             for p in state.plan.runners:
-                lanes = [prompt for stream, prompt in state.prompts.items() if state.plan.policy_of(stream) == p]
+                lanes = [prompt for stream, prompt in state.prompts.items() if state.plan.runner(stream) == p]
                 runner = self.runners[p]
                 runner.cache.reserve(len(runner.slots) + state.best_of * len(lanes),
                                      max(runner.lengths, default=0) + max(len(x) for x in lanes))
@@ -165,7 +165,7 @@ class Scheduler:
             sib = self._new_sequence(state, i)
             for stream, src in leader.lanes.items():
                 lane = sib.lanes[stream] = Lane(sib, stream)
-                self.runners[state.plan.policy_of(stream)].fork(src, lane)
+                self.runners[state.plan.runner(stream)].fork(src, lane)
             siblings.append(sib)
         return siblings
 
@@ -181,7 +181,7 @@ class Scheduler:
         child.events = list(seq.events)
         for stream, src in seq.lanes.items():
             lane = child.lanes[stream] = Lane(child, stream, list(src.feed))
-            self.runners[state.plan.policy_of(stream)].fork(src, lane)
+            self.runners[state.plan.runner(stream)].fork(src, lane)
         return child
 
     # ----- after a step ----------------------------------------------------------------------
@@ -192,7 +192,7 @@ class Scheduler:
         state = seq.request
         if seq.finished:
             for lane in seq.lanes.values():
-                self.runners[state.plan.policy_of(lane.stream)].remove(lane)
+                self.runners[state.plan.runner(lane.stream)].remove(lane)
             state.live -= 1
         elif not fed:
             for lane in seq.lanes.values():
@@ -207,7 +207,7 @@ class Scheduler:
         """Free every cache slot and reservation of a request at once."""
         for seq in state.sequences:
             for lane in seq.lanes.values():
-                runner = self.runners[state.plan.policy_of(lane.stream)]
+                runner = self.runners[state.plan.runner(lane.stream)]
                 if runner.holds(lane):
                     runner.remove(lane)
         if state in self.running:

@@ -132,7 +132,7 @@ class CostModel:
 
     def __init__(self):
         self.plain, self.verify = _Ema(), _Ema()  # seconds of a whole step, its drafting excluded
-        self.draft: dict[str, _Ema] = {}  # drafter policy -> seconds of one drafting step
+        self.draft: dict[str, _Ema] = {}  # weights (their runner) -> seconds of one drafting step
         self.since_plain = 0  # steps since the last plain one
 
     def step(self, seconds: float, verified: bool) -> None:
@@ -162,7 +162,7 @@ class Speculator:
     """Decides who speculates this step and drafts for them (the core verifies and accepts)."""
 
     def __init__(self, drafters: dict[str, PolicyRunner], max_concurrency: int, adaptive: bool = True):
-        self.drafters = drafters  # policy -> its drafter runner (own cache, same weights)
+        self.drafters = drafters  # drafter key -> the drafter runner of a set of weights (own cache, same weights)
         self.max_concurrency = max_concurrency
         self.adaptive = adaptive  # choose k by the measured costs (CostModel); else always num_tokens
         self.costs = CostModel()
@@ -192,7 +192,8 @@ class Speculator:
             for seq in st.sequences:
                 k = min(spec.num_tokens, st.sampling.max_tokens - len(seq.output_ids) - 1)
                 if self.adaptive and not exempt and k > 0:
-                    k = self.costs.best_k(seq.accepted, seq.rejected, k, None if spec.ngram else spec.draft)
+                    drafter = None if spec.ngram else st.plan.runner(DRAFT_STREAM).removesuffix(DRAFT_STREAM)
+                    k = self.costs.best_k(seq.accepted, seq.rejected, k, drafter)
                 if not (seq.finished or seq.score_prompt or k < 1):
                     todo[seq] = k
         drafts: dict[Sequence, Draft] = {}
@@ -204,9 +205,9 @@ class Speculator:
                 if tokens:
                     drafts[seq] = Draft(tokens, None)
             else:
-                by_drafter.setdefault(spec.draft, []).append(seq)
-        for policy, seqs in by_drafter.items():
-            drafts.update(self._draft_policy(self.drafters[policy], seqs, todo))
+                by_drafter.setdefault(seq.request.plan.runner(DRAFT_STREAM), []).append(seq)
+        for key, seqs in by_drafter.items():
+            drafts.update(self._draft_policy(self.drafters[key], seqs, todo))
         for seq, draft in drafts.items():
             for stream, lane in seq.lanes.items():
                 if stream != DRAFT_STREAM:
@@ -272,12 +273,12 @@ class Speculator:
         final = emitted[-1]
         for stream, lane in seq.lanes.items():
             if stream == DRAFT_STREAM:
-                runner = self.drafters[plan.speculative.draft]
+                runner = self.drafters[plan.runner(DRAFT_STREAM)]
                 keep = min(accepted, draft.cached)
                 runner.truncate(lane, draft.base + keep)
                 lane.feed = [*draft.tokens[keep:accepted], final]
                 continue
-            runner = runners[plan.policy_of(stream)]
+            runner = runners[plan.runner(stream)]
             lane.verify = 0
             # the forward fed the last token and k drafts: keep the last token and the accepted drafts
             runner.truncate(lane, runner.lengths[runner.slot_of(lane)] - len(draft.tokens) + accepted)
