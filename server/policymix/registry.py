@@ -36,6 +36,16 @@ class LoadedPolicy:
     beta: float | None = None
     source: tuple[str, str | None, str | None] | None = None  # (weights path or hub id, gguf file, adapter)
     eos_ids: frozenset[int] = frozenset()  # the tokenizer's EOS and the generation config's (HF generate stops on both)
+    # adapter policies and their base share one PEFT model (adapters.py): ``weights`` is that model, whose
+    # forward the engine runs with per-row adapters, and ``adapter`` this policy's adapter in it (None: the
+    # base); ``model`` is then a view that applies this policy's adapter alone
+    weights: Any = None
+    adapter: str | None = None
+
+    @property
+    def forward_model(self) -> Any:
+        """What the engine's runner calls: the shared weights (per-row adapters), else the model."""
+        return self.weights if self.weights is not None else self.model
 
     @property
     def kind(self) -> str:
@@ -100,7 +110,7 @@ class Registry:
             keys = {}
             for n, p in self.policies.items():
                 if p.kind == "causal":
-                    keys[n] = first.setdefault(id(p.model), n) if p.model is not None else n
+                    keys[n] = first.setdefault(id(p.forward_model), n) if p.model is not None else n
             self.__dict__["_runner_keys"] = keys
         return keys.get(name, name)
 
@@ -253,6 +263,8 @@ def load_registry(cfg: Config, progress: Callable[[str], None] | None = None,
     """
     reg = Registry(cfg)
     models: dict[tuple, Any] = {}
+    adapters: dict[tuple, dict[str, str]] = {}  # base model key -> {policy: adapter path}, served unmerged
+    base_of: dict[str, tuple] = {}
     tokenizers: dict[tuple, Any] = {}
     vocabs: list[dict[str, int]] = []  # one per family
     for i, (name, spec) in enumerate(cfg.policies.items()):
@@ -264,10 +276,19 @@ def load_registry(cfg: Config, progress: Callable[[str], None] | None = None,
             source = weights_source(cfg, spec)
             model = None
             if load_causal or spec.kind != "causal":
-                key = (source, spec.kind, str(dtype), device, spec.revision)
+                # an adapter's base is loaded once, as the base policy's own weights (no merged copy)
+                serve_unmerged = spec.kind == "causal" and source[2] is not None
+                base = (*source[:2], None) if serve_unmerged else source
+                key = (base, spec.kind, str(dtype), device, spec.revision)
                 if key not in models:
-                    models[key] = _load_model(source, spec, dtype, device, spec.revision)
+                    models[key] = _load_model(base, spec, dtype, device, spec.revision)
                 model = models[key]
+                base_of[name] = key
+                if serve_unmerged:
+                    from .adapters import check_adapter
+
+                    check_adapter(name, source[2])
+                    adapters.setdefault(key, {})[name] = source[2]
                 hf = model.config.to_dict()
             else:
                 hf = _hf_config(source[0])
@@ -296,12 +317,34 @@ def load_registry(cfg: Config, progress: Callable[[str], None] | None = None,
             device=device, dtype=dtype, beta=spec.beta if spec.beta is not None else meta.get("beta"),
             source=source, eos_ids=_eos_ids(tok, model, source[0]),
         )
+    if adapters:
+        _serve_adapters(reg, adapters, base_of)
     for name, spec in cfg.policies.items():
         if spec.reference and reg.policies[spec.reference].family != reg.policies[name].family:
             raise ConfigError(f"policies.{name}: its reference {spec.reference!r} uses a different tokenizer "
                               "(tokenizers must map every token to the same id)")
     _check_mixtures(reg)
     return reg
+
+
+def _serve_adapters(reg: Registry, adapters: dict[tuple, dict[str, str]], base_of: dict[str, tuple]) -> None:
+    """Every adapter of a base into one PEFT model; each policy on that base (the base itself, its prompted
+    policies, its adapters) gets the shared model as its ``weights`` and a view of its own as ``model``."""
+    from .adapters import AdapterView, attach_adapters
+
+    for key, group in adapters.items():
+        try:
+            shared = attach_adapters(reg.policies[next(iter(group))].model, group)
+        except ConfigError:
+            raise
+        except Exception as err:  # noqa: BLE001 - one clear line naming the adapters
+            raise ConfigError(f"policies.{', '.join(group)}: cannot load the adapters: {err}") from None
+        shared.to(reg.policies[next(iter(group))].device)
+        for name, k in base_of.items():
+            if k == key:
+                p = reg.policies[name]
+                p.weights, p.adapter = shared, (name if name in group else None)
+                p.model = AdapterView(shared, p.adapter)
 
 
 def _check_mixtures(reg: Registry) -> None:

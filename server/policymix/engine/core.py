@@ -78,11 +78,15 @@ class EngineCore:
                 continue
             tok = p.tokenizer
             pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-            self.runners[name] = PolicyRunner(name, p.model, p.vocab_size, pad, p.device, p.dtype,
-                                              decode=_decode_mode(srv.decode, p.device), cpu_linear=srv.cpu_linear)
+            adapters = {n: registry.policies[n].adapter for n in registry.runner_policies(name)
+                        if registry.policies[n].adapter is not None}
+            self.runners[name] = PolicyRunner(name, p.forward_model, p.vocab_size, pad, p.device, p.dtype,
+                                              decode=_decode_mode(srv.decode, p.device), cpu_linear=srv.cpu_linear,
+                                              adapters=adapters)
         # speculative decoding: each set of weights can draft, on a cache of its own that starts small
         self.drafters = {drafter_key(name): PolicyRunner(drafter_key(name), r.model, r.vocab_size, r.pad_id, r.device,
-                                                         r.dtype, cpu_linear=srv.cpu_linear, slots=1, capacity=16)
+                                                         r.dtype, cpu_linear=srv.cpu_linear, slots=1, capacity=16,
+                                                         adapters=r.adapters)
                          for name, r in self.runners.items()}
         spec = srv.speculative
         self.speculator = Speculator(self.drafters, spec.max_concurrency if spec else DEFAULT_MAX_CONCURRENCY,

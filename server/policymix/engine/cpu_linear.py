@@ -54,8 +54,10 @@ def pack_linears(model: nn.Module) -> int:
     All or nothing: the packed layers are built and checked first, then swapped in. A model already
     packed (policies that share weights) is left alone and 0 is returned.
     """
+    # a LoRA adapter's own A and B stay plain (PEFT reads their weights); its base layer is packed
     targets = [(name, mod) for name, mod in model.named_modules()
-               if type(mod) is nn.Linear and mod.weight.dtype == torch.float32 and mod.weight.device.type == "cpu"]
+               if type(mod) is nn.Linear and mod.weight.dtype == torch.float32 and mod.weight.device.type == "cpu"
+               and ".lora_" not in name]
     if not targets:
         return 0
     gen = torch.Generator().manual_seed(0)

@@ -15,6 +15,7 @@ from ..mixing.recipes import CompiledRecipe
 from ..request_types import ImplicitRewardSpec, Prompt  # noqa: F401 - re-exported: the boundary's request types
 
 
+DRAFT_STREAM = "<draft>"  # the lane key of a sequence's context in its draft policy's drafter runner
 SAMPLING_EPS = 1e-5  # vLLM's: a temperature below it samples greedily (1 / T would overflow float32 scores)
 
 
@@ -243,7 +244,10 @@ class RequestPlan:
     draft_prompt: list[int] | None = None  # a draft policy's rendering of the prompt
 
     def policy_of(self, stream: str) -> str:
-        """The served policy behind a stream (a prompt variant's policy, else the stream itself)."""
+        """The served policy behind a stream (a prompt variant's policy, the draft stream's draft policy, else
+        the stream itself)."""
+        if stream == DRAFT_STREAM and self.speculative is not None:
+            return self.speculative.draft
         return self.request.recipe.policy_of(stream)
 
     def runner(self, stream: str) -> str:

@@ -39,12 +39,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .protocol import SamplingParams
+from .protocol import DRAFT_STREAM, SamplingParams  # noqa: F401 - DRAFT_STREAM re-exported
 from .runner import PolicyRunner
 from .sampler import argmax_rows, draw, filtered_logits
 from .sequence import Lane, RequestState, Sequence
 
-DRAFT_STREAM = "<draft>"  # the lane key of a sequence's context in its draft policy's drafter runner
 NGRAM_MAX, NGRAM_MIN = 4, 2  # prompt lookup: the longest suffix of 4 down to 2 tokens that occurred before
 DEFAULT_MAX_CONCURRENCY = 8  # when requests ask for speculation and the config sets no default
 EXPLORE_EVERY = 32  # steps: a plain step (no drafts) at least this often keeps the plain-step time current
