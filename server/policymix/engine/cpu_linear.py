@@ -14,6 +14,8 @@ probe when it is packed, and any failure leaves the model exactly as it was (pla
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 
 import torch
@@ -77,4 +79,35 @@ def pack_linears(model: nn.Module) -> int:
     for name, new in packed.items():
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+    _release_checkpoint(model)
     return len(packed)
+
+
+def _release_checkpoint(model: nn.Module) -> None:
+    """Copy what was not packed (embeddings, norms, adapters) out of the loaded checkpoint, and give freed
+    memory back to the OS.
+
+    transformers maps a safetensors checkpoint and its tensors are views of that one mapping: while any of
+    them lives (an embedding does), every page of the file that packing read stays resident, beside the
+    packed copies. Measured on SmolLM2-135M (float32, 513 MB): 1,641 MB resident after packing, 1,227 MB
+    after this (benchmarks/shared_weights.py)."""
+    for mod_name, mod in model.named_modules():
+        if ".lora_" in mod_name:  # an adapter's tensors were made by PEFT, not mapped from the checkpoint
+            continue
+        for name, p in mod._parameters.items():
+            if p is not None:
+                p.data = p.data.clone()
+        for name, b in mod._buffers.items():
+            if b is not None:
+                mod._buffers[name] = b.clone()
+    gc.collect()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Return the C heap's free pages to the OS (glibc's malloc_trim; elsewhere nothing): large temporaries
+    of loading and packing otherwise stay in the process's resident set."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
