@@ -36,7 +36,7 @@ import torch
 from benchmarks.anchors import run_proxy_tuning
 from benchmarks.anchors.common import torch_threads
 from benchmarks.engine_bench import registry_from_models
-from benchmarks.models import PROMPTS, build_bench_models, load_policies, load_tokenizer
+from benchmarks.models import PROMPTS, bench_models, load_policies, load_tokenizer
 from benchmarks.report import machine_info, markdown_table, write_report
 from policymix.engine.core import EngineCore
 from policymix.engine.protocol import GenerationRequest, Prompt, RequestDone, SamplingParams, SpeculativeSpec
@@ -128,7 +128,7 @@ def _compare(runs: dict[str, list[dict]], ref: str) -> list[dict]:
 
 
 def section_anchors(args) -> list[dict]:
-    bm = build_bench_models()
+    bm = bench_models(args.quick)
     tok = load_tokenizer(bm.tokenizer_dir)
     models = load_policies(bm.paths)
     reg = registry_from_models(models, tok, max_num_seqs=64)
@@ -199,7 +199,7 @@ def section_crossover(args, reg) -> list[dict]:
     prompts = _chat(COPY * 4)
     for c in (1, 2, 4, 8, 16):
         runs: dict[str, list[dict]] = {"no speculation": [], "ngram k=4": []}
-        for _ in range(max(1, args.repeats - 1)):
+        for _ in range(args.repeats):
             runs["no speculation"].append(serve(_core(reg, True), "concise-formal", None, prompts[:max(c, 4)],
                                                 args.tokens // 2, c, None))
             runs["ngram k=4"].append(serve(_core(reg, True), "concise-formal", None, prompts[:max(c, 4)],
@@ -274,8 +274,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--anchor-tokens", type=int, default=128, help="new tokens in the anchors and proxy sections")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--sections", default="anchors,proxy,copy,drafter,crossover")
+    ap.add_argument("--quick", action="store_true",
+                    help="CI smoke: the anchors section on tiny models, 2 prompts x 4 tokens, 1 repeat")
     ap.add_argument("--out", default="benchmarks/results/speculative_cpu")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.sections, args.prompts, args.anchor_tokens, args.tokens, args.repeats = "anchors", 2, 4, 4, 1
     torch.set_num_threads(args.threads)
     sections = args.sections.split(",")
     rows: list[dict] = []
