@@ -22,7 +22,7 @@ import torch
 
 from benchmarks.anchors.common import torch_threads
 from benchmarks.engine_bench import registry_from_models
-from benchmarks.models import build_bench_models, load_policies, load_tokenizer
+from benchmarks.models import bench_models, load_policies, load_tokenizer
 from benchmarks.report import machine_info, markdown_table, write_report
 from policymix.engine.core import EngineCore
 from policymix.engine.protocol import GenerationRequest, Prompt, RequestDone, SamplingParams
@@ -57,10 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--concurrency", default="1,8")
+    ap.add_argument("--quick", action="store_true", help="CI smoke: tiny models, 4 tokens, 1 repeat")
     ap.add_argument("--out", default="benchmarks/results/guidance_cpu")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.repeats, args.tokens, args.concurrency = 1, 4, "1,2"
     torch.set_num_threads(args.threads)
-    bm = build_bench_models()
+    bm = bench_models(args.quick)
     tok = load_tokenizer(bm.tokenizer_dir)
     reg = registry_from_models(load_policies({"base": bm.paths["base"]}), tok, max_num_seqs=64)
     guided = {"guidance": {"policy": "base", "scale": 1.5, "negative_prompt": NEGATIVE}}
