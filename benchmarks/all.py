@@ -104,7 +104,8 @@ def run_job(job: Job, out: Path, quick: bool) -> float:
         mod = importlib.import_module(job.module)
         rc = (getattr(mod, "main", None) or importlib.import_module(f"{job.module}.__main__").main)(argv)
     else:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
+            [str(REPO / "server"), str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}  # this checkout
         rc = subprocess.run([sys.executable, "-m", job.module, *argv], cwd=REPO, env=env).returncode
     if rc:
         raise RuntimeError(f"{job.module} exited with {rc}")

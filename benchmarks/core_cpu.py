@@ -59,7 +59,7 @@ class Floors:
         roof = self.rooflines.get(cores) or self.rooflines[max(self.rooflines)]
         floor = decode_floor([self.shape] * n_policies, steps, sum(new), cached_positions(prompt_lens, new), roof)
         return {**fractions(floor, wall_s), "cores": cores, "floor_ms_per_step": floor["floor_s"] / steps * 1e3,
-                "ms_per_step": wall_s / steps * 1e3}
+                "bandwidth_floor_ms_per_step": floor["bandwidth_floor_s"] / steps * 1e3, "ms_per_step": wall_s / steps * 1e3}
 
 
 def section_overhead(reg, ids, repeats, floors: Floors, concs=(1, 4, 16), max_new=64):

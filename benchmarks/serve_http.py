@@ -31,6 +31,8 @@ from benchmarks.models import bench_models, write_policymix_config
 from benchmarks.report import RESULTS_DIR, machine_info, markdown_table, write_report
 from benchmarks.serve import ServeConfig, run_serve_benchmark
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -40,7 +42,8 @@ def _free_port() -> int:
 
 def start_server(config: Path, port: int, log: Path, timeout_s: float = 300.0) -> subprocess.Popen:
     """``policymix serve`` in a child process (one torch thread), once /health answers 200."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(REPO / "server"), str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}  # this checkout's code
     cmd = [sys.executable, "-c", "from policymix.cli import main; raise SystemExit(main())", "serve",
            "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
     proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
