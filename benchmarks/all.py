@@ -54,23 +54,23 @@ JOBS = (
     Job("roofline_cpu", "benchmarks.roofline", ("--out", "{out}/roofline_cpu"), 0.3,
         "copy/triad bandwidth and GEMM FLOP/s at 1 and all threads: the floors of every decode figure"),
     Job("core_cpu", "benchmarks.core_cpu", (*T1, "--repeats", "3", "--roofline", "{out}/roofline_cpu.json",
-                                             "--out", "{out}/core_cpu"), 9,
+                                             "--out", "{out}/core_cpu"), 6,
         "mixing overhead; engine against HF generate and the proxy-tuning loop at equal batches; best-of-8; memory"),
-    Job("serving_load_cpu", "benchmarks.serving_load", (*T1, "--repeats", "3", "--out", "{out}/serving_load_cpu"), 12,
+    Job("serving_load_cpu", "benchmarks.serving_load", (*T1, "--repeats", "3", "--out", "{out}/serving_load_cpu"), 9,
         "Poisson arrivals, lengths 16-256, 3 loads: engine against the static-batch proxy-tuning loop"),
-    Job("serve_http_cpu", "benchmarks.serve_http", ("--repeats", "3", "--out", "{out}/serve_http_cpu"), 3,
+    Job("serve_http_cpu", "benchmarks.serve_http", ("--repeats", "3", "--out", "{out}/serve_http_cpu"), 2,
         "a real server: max throughput at 16 in flight, TTFT at 80% of it"),
     Job("anchors_cpu", "benchmarks.anchors", (*T1, "--max-new-tokens", "128", "--repeats", "3",
-                                              "--out", "{out}/anchors_cpu"), 5,
+                                              "--out", "{out}/anchors_cpu"), 4.5,
         "the anchor baselines alone: proxy-tuning loop, DeRa, HF generate at batch 1 and 16"),
-    Job("scoring_cpu", "benchmarks.scoring", (*T1, "--repeats", "3", "--out", "{out}/scoring_cpu"), 3,
+    Job("scoring_cpu", "benchmarks.scoring", (*T1, "--repeats", "3", "--out", "{out}/scoring_cpu"), 2,
         "prompt logprobs against HF's batched forward; streams beside a 4k-token scoring request"),
     Job("guidance_cpu", "benchmarks.guidance", (*T1, "--repeats", "3", "--out", "{out}/guidance_cpu"), 0.5,
         "a CFG request against its two contexts served alone"),
-    Job("speculative_cpu", "benchmarks.speculative", (*T1, "--repeats", "3", "--out", "{out}/speculative_cpu"), 12,
+    Job("speculative_cpu", "benchmarks.speculative", (*T1, "--repeats", "3", "--out", "{out}/speculative_cpu"), 15,
         "speculative decoding of mixtures, policy-parallel steps, the crossover (docs/api.md, docs/engine.md)",
         needs="smollm2"),
-    Job("cpu_linear_smollm2", "benchmarks.cpu_linear", (*T1, "--repeats", "3", "--out", "{out}/cpu_linear_smollm2"), 2,
+    Job("cpu_linear_smollm2", "benchmarks.cpu_linear", (*T1, "--repeats", "3", "--out", "{out}/cpu_linear_smollm2"), 3,
         "oneDNN-prepacked linears against torch's on SmolLM2 (docs/engine.md)", quick=None, needs="smollm2"),
     Job("vllm_cpu", "benchmarks.vllm_cpu", ("vllm", "--repeats", "3", "--out", "{out}/vllm_cpu"), 4,
         "the vLLM engine: three policies alone and mixed (docs/vllm.md)", quick=None, needs="vllm",
@@ -97,8 +97,13 @@ def available(need: str | None) -> str | None:
     return None
 
 
+def shown(out: Path) -> Path:
+    """``out`` relative to the repository when inside it (the commands that result files record)."""
+    return out.relative_to(REPO) if out.is_relative_to(REPO) else out
+
+
 def run_job(job: Job, out: Path, quick: bool) -> float:
-    argv = job.argv(out, quick)
+    argv = job.argv(out if quick else shown(out), quick)  # a process of its own runs in the repository
     start = time.perf_counter()
     if quick:
         mod = importlib.import_module(job.module)
@@ -132,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [j for j in JOBS if j.name in chosen - skip and not (args.quick and j.quick is None)]
     if args.list:
         for j in JOBS:
-            print(f"{j.name:20s} ~{j.minutes:g} min  python -m {j.module} {shlex.join(j.argv(out, False))}")
+            print(f"{j.name:20s} ~{j.minutes:g} min  python -m {j.module} {shlex.join(j.argv(shown(out), False))}")
         print(f"total ~{sum(j.minutes for j in JOBS):g} min")
         return 0
     out.mkdir(parents=True, exist_ok=True)
@@ -143,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             skipped.append(f"{job.name}: {why}")
             print(f"skip {job.name}: {why}", flush=True)
             continue
-        print(f"== {job.name}: python -m {job.module} {shlex.join(job.argv(out, args.quick))}", flush=True)
+        print(f"== {job.name}: python -m {job.module} {shlex.join(job.argv(shown(out), args.quick))}", flush=True)
         done.append(f"{job.name}: {run_job(job, out, args.quick):.0f} s")
     from benchmarks import summary
 
