@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shlex
 import statistics
 import sys
@@ -38,8 +37,7 @@ from benchmarks.engine_bench import mixing_overhead, registry_from_models, run_e
 from benchmarks.memory import current_rss_bytes
 from benchmarks.models import PROMPTS, bench_models, load_policies, load_tokenizer
 from benchmarks.report import RESULTS_DIR, machine_info, markdown_table, write_report
-from benchmarks.roofline import (PolicyShape, Roofline, cached_positions, decode_floor, fractions, load_rooflines,
-                                 measure)
+from benchmarks.roofline import PolicyShape, cached_positions, decode_floor, fractions, load_rooflines
 
 PROXY = {"base": 1.0, "tuned": 1.0, "untuned": -1.0}
 
@@ -277,11 +275,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.repeats, tokens, overhead_tokens, concs, few = 1, 4, 4, (1, 4), 2
     torch.set_num_threads(args.threads)
-    rooflines = load_rooflines(args.roofline)
-    if not rooflines:
-        rooflines = {t: Roofline.from_row(measure(t, 16 if args.quick else 256, 1 if args.quick else 3,
-                                                   256 if args.quick else 1024))
-                     for t in sorted({1, torch.get_num_threads(), os.cpu_count() or 1})}
+    rooflines = load_rooflines(args.roofline, args.quick)
     bm = bench_models(args.quick)
     tok = load_tokenizer(bm.tokenizer_dir)
     engine_models = load_policies(bm.paths)  # the default engine packs its linears for oneDNN in place

@@ -93,14 +93,16 @@ class Roofline:
         return cls(row["threads"], max(row["copy_gbs"], row["triad_gbs"]) * 1e9, row["matmul_square_gflops"] * 1e9)
 
 
-def load_rooflines(path: str | Path = DEFAULT_RESULT) -> dict[int, Roofline]:
-    """threads -> Roofline from a written ``roofline_cpu.json`` ({} when it is missing)."""
+def load_rooflines(path: str | Path = DEFAULT_RESULT, quick: bool = False) -> dict[int, Roofline]:
+    """threads -> Roofline from a written ``roofline_cpu.json``; when it is missing, measured here briefly
+    (1 thread and all threads; 16 MiB arrays with ``quick``, which then sit in the cache)."""
     import json
 
     path = Path(path)
-    if not path.exists():
-        return {}
-    return {r["threads"]: Roofline.from_row(r) for r in json.loads(path.read_text())["rows"]}
+    if path.exists():
+        return {r["threads"]: Roofline.from_row(r) for r in json.loads(path.read_text())["rows"]}
+    mib, repeats, n = (16, 1, 256) if quick else (256, 3, 1024)
+    return {t: Roofline.from_row(measure(t, mib, repeats, n)) for t in sorted({1, os.cpu_count() or 1})}
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,11 @@ class PolicyShape:
                 seen.add(p.data_ptr())
                 total += p.numel() * p.element_size()
         emb = model.get_input_embeddings().weight
-        tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is emb
+        for m in model.modules():  # the engine's oneDNN-packed linears hold their weight outside the parameters
+            if isinstance(getattr(m, "packed", None), torch.Tensor):
+                total += m.in_features * m.out_features * emb.element_size()
+        head = model.get_output_embeddings()
+        tied = head is not None and getattr(head, "weight", None) is emb
         read = total - (0 if tied else emb.numel() * emb.element_size())
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * emb.element_size()
