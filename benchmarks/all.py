@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"total ~{sum(j.minutes for j in JOBS):g} min")
         return 0
     out.mkdir(parents=True, exist_ok=True)
-    done, skipped = [], []
+    done: dict[str, float] = {}
+    skipped = []
     for job in jobs:
         why = available(job.needs)
         if why:
@@ -149,12 +150,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skip {job.name}: {why}", flush=True)
             continue
         print(f"== {job.name}: python -m {job.module} {shlex.join(job.argv(shown(out), args.quick))}", flush=True)
-        done.append(f"{job.name}: {run_job(job, out, args.quick):.0f} s")
+        done[job.name] = round(run_job(job, out, args.quick), 1)
     from benchmarks import summary
 
     result = summary.build(out)
+    result["meta"]["job_seconds"], result["meta"]["skipped"] = done, skipped  # the run times benchmarks/README quotes
     path = summary.write(result, out)
-    print("\n".join(["ran:", *done] + (["skipped:", *skipped] if skipped else [])))
+    print("\n".join(["ran:", *(f"{k}: {v:.0f} s" for k, v in done.items())] + (["skipped:", *skipped] if skipped else [])))
     print(f"wrote {path}.md and {path}.json")
     if args.readme and not args.quick and out == RESULTS_DIR.resolve():
         print("README.md " + ("updated" if summary.write_readme(summary.readme_block(result)) else "unchanged"))

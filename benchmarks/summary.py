@@ -266,7 +266,8 @@ def readme_block(summary: dict) -> str:
     lines = ["| what (target) | CPU: 1 thread, 3 policies of 20M parameters (hidden 256, vocab 32k) | "
              "GPU: H100, Qwen2 shapes, bf16 |", "|---|---|---|"]
     lines += [f"| {row['what']} | {row['cpu']} | {row['gpu']} |" for row in summary["rows"]]
-    lines += ["", "Sources (`benchmarks/results/`; each file records its machine, its load and its command):", ""]
+    lines += ["", "CPU figures are medians of at least 3 side-by-side repeats unless a row says one run. Sources "
+              "(`benchmarks/results/`; each file records its machine, its load and its command):", ""]
     for stem, src in summary["sources"].items():
         extra = f", commit {src['commit']}" if src.get("commit") else ""
         lines.append(f"- `{stem}.md`: {src.get('date', 'undated')}{extra}")
@@ -309,8 +310,11 @@ def write(summary: dict, results_dir: str | Path = RESULTS_DIR) -> Path:
     out = Path(results_dir) / "summary"
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
     m = summary["meta"]
-    md = [f"# Benchmark summary", "", f"- commit: {m['commit']}", f"- date: {m['date']}",
-          f"- machine: {m['cpu']}, {m['cpu_count']} cores", f"- torch threads: {m['threads']}", "",
+    md = ["# Benchmark summary", "", f"- commit: {m['commit']}", f"- date: {m['date']}",
+          f"- machine: {m['cpu']}, {m['cpu_count']} cores", f"- torch threads: {m['threads']}"]
+    if m.get("job_seconds"):
+        md.append("- run times: " + ", ".join(f"{k} {v:.0f} s" for k, v in m["job_seconds"].items()))
+    md += ["",
           readme_block(summary), "", "## Ratios (what `--compare` checks)", "",
           "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in summary["ratios"].items()]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")

@@ -121,7 +121,7 @@ def test_make_bench_quick_runs_every_job_and_summarises(tmp_path):
     from benchmarks import all as bench_all
 
     readme_before = summary.README.read_text()
-    committed = {p.name: p.read_bytes() for p in RESULTS_DIR.iterdir()}
+    committed = {p: p.read_bytes() for p in RESULTS_DIR.rglob("*") if p.is_file()}
     with pytest.raises(SystemExit):  # toy numbers never go into benchmarks/results
         bench_all.main(["--quick"])
     assert bench_all.main(["--quick", "--out-dir", str(tmp_path)]) == 0
@@ -132,6 +132,8 @@ def test_make_bench_quick_runs_every_job_and_summarises(tmp_path):
                 assert data["meta"]["threads"] and data["meta"]["date"]
                 assert (tmp_path / f"{stem}.md").read_text().startswith("# ")
     result = json.loads((tmp_path / "summary.json").read_text())
+    assert set(result["meta"]["job_seconds"]) == {j.name for j in bench_all.JOBS if j.quick is not None
+                                                  and bench_all.available(j.needs) is None}
     assert all(summary.MISSING not in row["cpu"] for row in result["rows"]), result["rows"]
     r = result["ratios"]
     assert r["engine_proxy_c16_over_loop_b16"] > 0 and r["engine_proxy_c1_over_loop_b1"] > 0
@@ -142,4 +144,4 @@ def test_make_bench_quick_runs_every_job_and_summarises(tmp_path):
         assert row["roofline_fraction"] >= row["bandwidth_fraction"] > 0  # every decode figure has its fractions
     assert summary.compare(result, result) == []
     assert summary.README.read_text() == readme_before
-    assert {p.name: p.read_bytes() for p in RESULTS_DIR.iterdir()} == committed
+    assert {p: p.read_bytes() for p in RESULTS_DIR.rglob("*") if p.is_file()} == committed
