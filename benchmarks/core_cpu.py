@@ -281,8 +281,9 @@ def main(argv=None) -> int:
     engine_models = load_policies(bm.paths)  # the default engine packs its linears for oneDNN in place
     models = load_policies(bm.paths)  # the anchors' copies stay plain nn.Linear
     floors = Floors(rooflines, PolicyShape.of(models["base"]))
-    # a fourth policy of the same shape for K = 4 (the same weights under another name: its own cache)
-    one_core = {**engine_models, "fourth": engine_models["base"]}
+    # a fourth policy of the same shape for K = 4: base's weights loaded again (its own forward; the same loaded
+    # model under another name would be a lane of base's forward)
+    one_core = {**engine_models, "fourth": load_policies({"fourth": bm.paths["base"]})["fourth"]}
     regs = {"engine": registry_from_models(one_core, tok, max_num_seqs=64, policy_parallel="off"),
             "torch": registry_from_models(models, tok, max_num_seqs=64, cpu_linear="torch", policy_parallel="off"),
             "parallel": registry_from_models(engine_models, tok, max_num_seqs=64, policy_parallel="auto")}

@@ -22,6 +22,7 @@ faster than DRAM, so a fraction above 1 is possible for small models.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import statistics
@@ -134,6 +135,11 @@ class PolicyShape:
         macs = read // emb.element_size()
         attn = 2 * 2 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim
         return cls(read, kv, 2 * macs, attn)
+
+    def lane(self) -> "PolicyShape":
+        """Another context in the same forward (a prompted policy, a prompt variant): its own KV cache and rows,
+        the weights already read by the forward's first policy."""
+        return dataclasses.replace(self, weight_bytes=0)
 
 
 def cached_positions(prompt_lens: list[int], new_tokens: list[int]) -> int:

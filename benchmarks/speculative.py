@@ -90,10 +90,13 @@ def serve(core: EngineCore, model: str, mixture, prompts: list[Prompt], tokens: 
     drafted = sum((s.speculative or {}).get("drafted", 0) for s in seqs)
     accepted = sum((s.speculative or {}).get("accepted", 0) for s in seqs)
     names = [n for n, w in recipe.weights.items() if w != 0]
-    cores = 1 if core.parallel is None else min(os.cpu_count() or 1, len(names))
     served = [recipe.variants[n].policy if n in recipe.variants else n for n in names]  # a variant runs its policy
-    floor = plain_floor([PolicyShape.of(reg.policies[n].model) for n in served], [d.prompt_tokens for d in done],
-                        [d.completion_tokens for d in done], concurrency, cores)
+    runners = [reg.runner_key(n) for n in served]  # policies sharing weights are lanes of one forward
+    shapes = [PolicyShape.of(reg.policies[n].model) for n in served]
+    shapes = [sh if runners.index(r) == i else sh.lane() for i, (sh, r) in enumerate(zip(shapes, runners))]
+    cores = 1 if core.parallel is None else min(os.cpu_count() or 1, len(set(runners)))
+    floor = plain_floor(shapes, [d.prompt_tokens for d in done], [d.completion_tokens for d in done], concurrency,
+                        cores)
     return {"s": wall, "tokens": sum(d.completion_tokens for d in done), "drafted": drafted, "accepted": accepted,
             "out": [s.token_ids for s in seqs], "floor": floor}
 

@@ -103,3 +103,9 @@ def test_static_batcher_waits_for_a_batch_or_the_timeout(tiny):
 def test_left_padding_puts_every_prompt_at_the_right_edge():
     ids, mask = serving_load._left_pad([[5, 6, 7], [8]], pad_id=0)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_a_lane_reads_no_weights_of_its_own():
+    shape = roofline.PolicyShape(weight_bytes=1000, kv_bytes_per_token=10, flops_per_row=2000, attn_flops_per_token=4)
+    lane = shape.lane()
+    assert lane.weight_bytes == 0 and (lane.kv_bytes_per_token, lane.flops_per_row) == (10, 2000)
