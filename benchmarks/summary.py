@@ -93,6 +93,12 @@ def _roof(core: dict | None, key: str) -> dict | None:
     return (core or {}).get("anchors_roofline", {}).get(key)
 
 
+def _fractions(core: dict | None, a: str, b: str) -> str:
+    """'; roofline fractions A vs B' when the result file has them."""
+    ra, rb = _roof(core, a), _roof(core, b)
+    return f"; roofline fractions {ra['roofline_fraction']:.2f} vs {rb['roofline_fraction']:.2f}" if ra and rb else ""
+
+
 def _proxy_rows(r: Results, ratios: dict) -> list[tuple[str, str, str]]:
     core = r.get("core_cpu")
     out = []
@@ -103,7 +109,7 @@ def _proxy_rows(r: Results, ratios: dict) -> list[tuple[str, str, str]]:
         cpu = MISSING
         if eng and loop and ratio:
             ratios[f"engine_proxy_c{c}_over_loop_b{c}"] = ratio
-            cpu = f"**{x(ratio)}** ({t(eng)} vs {t(loop)} tok/s, one core each)"
+            cpu = f"**{x(ratio)}** ({t(eng)} vs {t(loop)} tok/s, one core each{_fractions(core, f'engine_proxy_c{c}', f'proxy_loop_b{c}')})"
             same = _anchor(core, f"engine_torch_proxy_c{c}_over_loop_b{c}",
                            "engine_torch_proxy_over_loop_b16" if c == 16 else None)
             if same:
@@ -138,7 +144,8 @@ def _one_policy(r: Results, ratios: dict) -> tuple[str, str, str]:
         eng, hf = _anchor(core, f"engine_1pol_c{c}"), _anchor(core, f"hf_generate_b{c}")
         if ratio and eng and hf:
             ratios[f"engine_1pol_c{c}_over_hf_b{c}"] = ratio
-            part = f"{'**' + x(ratio) + '**' if c == 16 else x(ratio)} at {c} ({t(eng)} vs {t(hf)} tok/s"
+            part = (f"{'**' + x(ratio) + '**' if c == 16 else x(ratio)} at {c} ({t(eng)} vs {t(hf)} tok/s"
+                    + _fractions(core, f"engine_1pol_c{c}", f"hf_generate_b{c}"))
             same = _anchor(core, f"engine_torch_1pol_c{c}_over_hf_b{c}",
                            "engine_torch_1pol_over_hf_b16" if c == 16 else None)
             if same:
