@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install install-serve install-lab install-vllm install-browser install-replicas serve test test-fast demo demo-policies clean
+.PHONY: install install-serve install-lab install-vllm install-browser install-replicas serve test test-fast bench bench-quick demo demo-policies clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -54,6 +54,16 @@ test: install-vllm install-lab install-browser install-replicas
 
 test-fast:
 	$(BIN)/python -m pytest -x -q
+
+# Every benchmark the README and the docs quote, with their repeats, into benchmarks/results/ (about an hour
+# on the 2-core VM: run it on a quiet machine), then results/summary.{md,json} and the README's block.
+# BENCH_ARGS: e.g. --only core_cpu,serving_load_cpu, or --out-dir /tmp/run2 --no-readme for a second run.
+bench: install
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.all $(BENCH_ARGS)
+
+# The same on tiny models, one repeat, into a scratch folder (seconds; CI runs it in tests/test_bench_summary.py).
+bench-quick:
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.all --quick --out-dir .cache/bench-quick
 
 demo: install
 	$(BIN)/policymix demo

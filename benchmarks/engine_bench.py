@@ -43,11 +43,15 @@ class EngineRun:
 
 def registry_from_models(models: dict, tokenizer, max_num_seqs: int = 64, device: str = "cpu",
                          dtype=torch.float32, max_len: int = 4096, decode: str = "auto",
-                         cpu_linear: str = "onednn") -> Registry:
-    """A registry over already-loaded models (benchmarks build them in memory, e.g. on a GPU)."""
+                         cpu_linear: str = "onednn", policy_parallel: str = "auto") -> Registry:
+    """A registry over already-loaded models (benchmarks build them in memory, e.g. on a GPU).
+
+    ``policy_parallel: off`` keeps every forward on the step thread: one core at one torch thread, as the
+    anchors run (``auto``, the server's default, gives each policy's forward a core of its own on CPU)."""
     cfg = parse_config({"policies": {name: {"path": f"<memory:{name}>"} for name in models},
                         "server": {"max_num_seqs": max_num_seqs, "max_queue": 100_000,
-                                   "max_model_len": max_len, "decode": decode, "cpu_linear": cpu_linear}})
+                                   "max_model_len": max_len, "decode": decode, "cpu_linear": cpu_linear,
+                                   "policy_parallel": policy_parallel}})
     reg = Registry(cfg)
     for name, model in models.items():
         reg.policies[name] = LoadedPolicy(name=name, spec=cfg.policies[name], model=model, tokenizer=tokenizer,

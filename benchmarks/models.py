@@ -65,6 +65,12 @@ class ModelSpec:
         return {"format": _FORMAT, "names": list(POLICY_NAMES), **asdict(self)}
 
 
+QUICK_CACHE_DIR = Path(".cache/bench-models-quick")
+# CI smoke runs (`--quick`): the same make of models, tiny, so that a whole benchmark takes seconds
+QUICK_SPEC = ModelSpec(hidden=64, layers=2, heads=2, kv_heads=2, intermediate=128, vocab_size=2000,
+                       max_positions=1024)
+
+
 @dataclass
 class BenchModels:
     root: Path
@@ -145,6 +151,11 @@ def build_bench_models(cache_dir: str | Path | None = None, spec: ModelSpec = Mo
         )
     manifest_path.write_text(json.dumps(spec.manifest(), indent=1))  # last: marks the cache complete
     return models
+
+
+def bench_models(quick: bool = False) -> BenchModels:
+    """The benchmark set (``build_bench_models()``), or with ``quick`` the tiny one (``QUICK_SPEC``)."""
+    return build_bench_models(QUICK_CACHE_DIR, QUICK_SPEC) if quick else build_bench_models()
 
 
 def load_tokenizer(path: str | Path):

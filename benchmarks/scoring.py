@@ -25,7 +25,7 @@ import torch
 
 from benchmarks.anchors.common import torch_threads
 from benchmarks.engine_bench import registry_from_models
-from benchmarks.models import build_bench_models, load_policies, load_tokenizer
+from benchmarks.models import bench_models, load_policies, load_tokenizer
 from benchmarks.report import machine_info, markdown_table, write_report
 from policymix.engine.core import EngineCore
 from policymix.engine.protocol import GenerationRequest, Prompt, PromptEvent, SamplingParams, TokenEvent
@@ -124,10 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--streams", type=int, default=8)
     ap.add_argument("--stream-tokens", type=int, default=96)
     ap.add_argument("--long-len", type=int, default=4000)
+    ap.add_argument("--quick", action="store_true", help="CI smoke: tiny models, short prompts, 1 repeat")
     ap.add_argument("--out", default="benchmarks/results/scoring_cpu")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.repeats, args.requests, args.prompt_len, args.streams, args.stream_tokens, args.long_len = 1, 2, 16, 2, 12, 80
     torch.set_num_threads(args.threads)
-    bm = build_bench_models()
+    bm = bench_models(args.quick)
     tok = load_tokenizer(bm.tokenizer_dir)
     engine_models = load_policies(bm.paths)
     hf_model = load_policies({"base": bm.paths["base"]})["base"]  # plain nn.Linear: HF as users run it

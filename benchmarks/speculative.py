@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
+import os
 import shlex
 import statistics
 import sys
@@ -36,8 +38,9 @@ import torch
 from benchmarks.anchors import run_proxy_tuning
 from benchmarks.anchors.common import torch_threads
 from benchmarks.engine_bench import registry_from_models
-from benchmarks.models import PROMPTS, build_bench_models, load_policies, load_tokenizer
-from benchmarks.report import machine_info, markdown_table, write_report
+from benchmarks.models import PROMPTS, bench_models, load_policies, load_tokenizer
+from benchmarks.report import RESULTS_DIR, machine_info, markdown_table, write_report
+from benchmarks.roofline import PolicyShape, cached_positions, decode_floor, fractions, load_rooflines
 from policymix.engine.core import EngineCore
 from policymix.engine.protocol import GenerationRequest, Prompt, RequestDone, SamplingParams, SpeculativeSpec
 from policymix.mixing.recipes import compile_recipe
@@ -86,8 +89,24 @@ def serve(core: EngineCore, model: str, mixture, prompts: list[Prompt], tokens: 
     seqs = [d.sequences[0] for d in done]
     drafted = sum((s.speculative or {}).get("drafted", 0) for s in seqs)
     accepted = sum((s.speculative or {}).get("accepted", 0) for s in seqs)
+    names = [n for n, w in recipe.weights.items() if w != 0]
+    served = [recipe.variants[n].policy if n in recipe.variants else n for n in names]  # a variant runs its policy
+    runners = [reg.runner_key(n) for n in served]  # policies sharing weights are lanes of one forward
+    shapes = [PolicyShape.of(reg.policies[n].model) for n in served]
+    shapes = [sh if runners.index(r) == i else sh.lane() for i, (sh, r) in enumerate(zip(shapes, runners))]
+    cores = 1 if core.parallel is None else min(os.cpu_count() or 1, len(set(runners)))
+    floor = plain_floor(shapes, [d.prompt_tokens for d in done], [d.completion_tokens for d in done], concurrency,
+                        cores)
     return {"s": wall, "tokens": sum(d.completion_tokens for d in done), "drafted": drafted, "accepted": accepted,
-            "out": [s.token_ids for s in seqs]}
+            "out": [s.token_ids for s in seqs], "floor": floor}
+
+
+def plain_floor(shapes, prompt_lens: list[int], new: list[int], concurrency: int, cores: int) -> dict:
+    """What plain decoding of these tokens must read: one step per token for each group of ``concurrency``
+    requests (equal lengths). Speculation verifies several tokens per step, so it can beat this floor."""
+    steps = math.ceil(len(new) / concurrency) * max(new)
+    return {"shapes": shapes, "steps": steps, "rows": sum(new), "positions": cached_positions(prompt_lens, new),
+            "cores": cores}
 
 
 def _same(got: dict, plain: dict) -> float:
@@ -106,9 +125,13 @@ def _core(reg, parallel: bool, max_concurrency: int = 64) -> EngineCore:
     return core
 
 
-def _median_rows(per: list[dict], label: str, base: str | None = None, **extra) -> dict:
+def _median_rows(per: list[dict], label: str, rooflines: dict) -> dict:
     s = statistics.median(r["s"] for r in per)
-    row = {"contender": label, **extra, "tok_s": per[0]["tokens"] / s, "s": s}
+    row = {"contender": label, "tok_s": per[0]["tokens"] / s, "s": s}
+    f = per[0]["floor"]
+    floor = decode_floor(f["shapes"], f["steps"], f["rows"], f["positions"],
+                         rooflines.get(f["cores"]) or rooflines[max(rooflines)])
+    row.update({**fractions(floor, s), "cores": f["cores"]})
     if per[0]["drafted"]:
         row["acceptance"] = per[0]["accepted"] / per[0]["drafted"]
     if "same" in per[0]:
@@ -116,11 +139,12 @@ def _median_rows(per: list[dict], label: str, base: str | None = None, **extra) 
     return row
 
 
-def _compare(runs: dict[str, list[dict]], ref: str) -> list[dict]:
-    """Rows with each contender's median tok/s and its ratio to ``ref`` (medians of per-repeat ratios)."""
+def _compare(runs: dict[str, list[dict]], ref: str, args) -> list[dict]:
+    """Rows with each contender's median tok/s, its ratio to ``ref`` (medians of per-repeat ratios) and its
+    fractions of the plain-decode roofline."""
     rows = []
     for label, per in runs.items():
-        row = _median_rows(per, label)
+        row = _median_rows(per, label, args.rooflines)
         row["ratio"] = statistics.median(r["s"] / p["s"] * p["tokens"] / r["tokens"]
                                          for r, p in zip(runs[ref], per))
         rows.append(row)
@@ -128,7 +152,7 @@ def _compare(runs: dict[str, list[dict]], ref: str) -> list[dict]:
 
 
 def section_anchors(args) -> list[dict]:
-    bm = build_bench_models()
+    bm = bench_models(args.quick)
     tok = load_tokenizer(bm.tokenizer_dir)
     models = load_policies(bm.paths)
     reg = registry_from_models(models, tok, max_num_seqs=64)
@@ -140,8 +164,12 @@ def section_anchors(args) -> list[dict]:
     for _ in range(args.repeats):
         loop = run_proxy_tuning(models, tok, PROMPTS[: args.prompts], args.anchor_tokens, batch_size=1,
                                 threads=args.threads)
-        runs["proxy-tuning loop, batch 1"].append({"s": loop.wall_s, "tokens": loop.tokens, "drafted": 0,
-                                                   "accepted": 0})
+        n = args.anchor_tokens
+        runs["proxy-tuning loop, batch 1"].append({"s": loop.wall_s, "tokens": loop.tokens, "drafted": 0, "accepted": 0,
+                                                   "floor": plain_floor([PolicyShape.of(models[r]) for r in
+                                                                         ("base", "tuned", "untuned")],
+                                                                        [len(p.token_ids) for p in prompts],
+                                                                        [n] * len(prompts), 1, 1)})
         plain = serve(_core(reg, False), "base", mix, prompts, args.anchor_tokens, 1, None)
         runs["engine"].append(plain)
         runs["engine, policy-parallel"].append(serve(_core(reg, True), "base", mix, prompts, args.anchor_tokens, 1,
@@ -149,7 +177,7 @@ def section_anchors(args) -> list[dict]:
         spec = serve(_core(reg, True), "base", mix, prompts, args.anchor_tokens, 1, SpeculativeSpec("ngram", 4))
         spec["same"] = _same(spec, plain)
         runs["engine, policy-parallel + ngram k=4"].append(spec)
-    return [{"section": "anchors", **r} for r in _compare(runs, "proxy-tuning loop, batch 1")]
+    return [{"section": "anchors", **r} for r in _compare(runs, "proxy-tuning loop, batch 1", args)]
 
 
 def _embedded():
@@ -174,7 +202,7 @@ def section_copy(args, reg) -> list[dict]:
             got = serve(_core(reg, True), "concise-formal", None, prompts, args.tokens, 1, SpeculativeSpec("ngram", k))
             got["same"] = _same(got, plain)
             runs[f"ngram k={k}"].append(got)
-    return [{"section": "copy, concurrency 1", **r} for r in _compare(runs, "no speculation")]
+    return [{"section": "copy, concurrency 1", **r} for r in _compare(runs, "no speculation", args)]
 
 
 def section_drafter(args, reg) -> list[dict]:
@@ -190,7 +218,7 @@ def section_drafter(args, reg) -> list[dict]:
                             SpeculativeSpec("smollm2", k))
                 got["same"] = _same(got, plain)
                 runs[f"draft smollm2 k={k}"].append(got)
-        rows += [{"section": f"drafter, concurrency {c}", **r} for r in _compare(runs, "no speculation")]
+        rows += [{"section": f"drafter, concurrency {c}", **r} for r in _compare(runs, "no speculation", args)]
     return rows
 
 
@@ -199,12 +227,12 @@ def section_crossover(args, reg) -> list[dict]:
     prompts = _chat(COPY * 4)
     for c in (1, 2, 4, 8, 16):
         runs: dict[str, list[dict]] = {"no speculation": [], "ngram k=4": []}
-        for _ in range(max(1, args.repeats - 1)):
+        for _ in range(args.repeats):
             runs["no speculation"].append(serve(_core(reg, True), "concise-formal", None, prompts[:max(c, 4)],
                                                 args.tokens // 2, c, None))
             runs["ngram k=4"].append(serve(_core(reg, True), "concise-formal", None, prompts[:max(c, 4)],
                                            args.tokens // 2, c, SpeculativeSpec("ngram", 4)))
-        rows += [{"section": f"crossover, concurrency {c}", **r} for r in _compare(runs, "no speculation")]
+        rows += [{"section": f"crossover, concurrency {c}", **r} for r in _compare(runs, "no speculation", args)]
     return rows
 
 
@@ -263,7 +291,7 @@ def section_proxy(args) -> list[dict]:
         got["same"] = _same(got, plain)
         runs["mixture, draft tuned k=4"].append(got)
     ratio = macs["large"] / macs["tuned"]
-    return [{"section": f"proxy, {ratio:.1f}:1, concurrency 1", **r} for r in _compare(runs, "large alone")]
+    return [{"section": f"proxy, {ratio:.1f}:1, concurrency 1", **r} for r in _compare(runs, "large alone", args)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -274,8 +302,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--anchor-tokens", type=int, default=128, help="new tokens in the anchors and proxy sections")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--sections", default="anchors,proxy,copy,drafter,crossover")
+    ap.add_argument("--roofline", default=str(RESULTS_DIR / "roofline_cpu.json"),
+                    help="roofline.py's JSON (measured here, briefly, when missing)")
+    ap.add_argument("--quick", action="store_true",
+                    help="CI smoke: the anchors section on tiny models, 2 prompts x 4 tokens, 1 repeat")
     ap.add_argument("--out", default="benchmarks/results/speculative_cpu")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.sections, args.prompts, args.anchor_tokens, args.tokens, args.repeats = "anchors", 2, 4, 4, 1
+    args.rooflines = load_rooflines(args.roofline, args.quick)
     torch.set_num_threads(args.threads)
     sections = args.sections.split(",")
     rows: list[dict] = []
@@ -297,13 +332,17 @@ def main(argv: list[str] | None = None) -> int:
                                                                                           else argv)}
     table = markdown_table(rows, [("section", "section"), ("contender", "contender"), ("tok_s", "tok/s"),
                                   ("ratio", "ratio to the first of its section"), ("acceptance", "acceptance"),
-                                  ("same_tokens", "requests with the plain engine's tokens")])
+                                  ("same_tokens", "requests with the plain engine's tokens"), ("cores", "cores"),
+                                  ("bandwidth_fraction", "plain-decode bandwidth fraction"),
+                                  ("roofline_fraction", "plain-decode roofline fraction")])
     notes = (f"Greedy, ignore_eos, {args.anchor_tokens} new tokens in the anchors and proxy sections (random models), "
              f"{args.tokens} with SmolLM2 ({args.tokens // 2} in the crossover), medians of "
              f"{args.repeats} repeats, contenders side by side in each repeat; the ratio is the median of the per-repeat "
              "ratios of tok/s. Lossless: the speculative contenders' greedy tokens are compared with their section's "
              "plain engine's (the fraction of requests with identical tokens is reported). "
-             "Acceptance = accepted / drafted tokens.")
+             "Acceptance = accepted / drafted tokens. Roofline: the floor of plain decoding of the same tokens (every "
+             "weight of the mixture's policies and every cached key read once per token step; `roofline.py`) over the "
+             "measured time, at the row's cores; a speculative row can exceed 1 (several tokens per step).")
     md, _ = write_report(args.out, "Speculative decoding of mixtures and policy-parallel steps (CPU)", meta, table,
                          {"rows": rows}, notes)
     print(md.read_text())

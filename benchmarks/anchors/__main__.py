@@ -10,7 +10,7 @@ import argparse
 import shlex
 import sys
 
-from ..models import DEFAULT_CACHE_DIR, PROMPTS, build_bench_models, load_policies, load_tokenizer
+from ..models import DEFAULT_CACHE_DIR, PROMPTS, bench_models, build_bench_models, load_policies, load_tokenizer
 from ..report import RESULTS_DIR, machine_info, markdown_table, write_report
 from .suite import CONTENDERS, run_anchor_suite
 
@@ -19,8 +19,8 @@ COLUMNS = [("name", "contender"), ("batch_size", "batch"), ("threads", "threads"
            ("peak_rss_mib", "peak RSS MiB")]
 
 NOTES = """Greedy, float32, every row generates exactly max_new_tokens (ignore_eos), models loaded and one
-short warm-up before timing. tok/s = generated tokens / wall time of generation; with --repeats N each
-contender reports its fastest run and every run is listed. The proxy-tuning loop
+short warm-up before timing. tok/s = generated tokens / wall time of generation; with --repeats N the
+contenders run side by side in each repeat, each reports its median run, and every run is listed. The proxy-tuning loop
 and DeRa are re-implementations from the papers' descriptions (benchmarks/anchors/). For reference,
 issue 2 quotes the anchors' own code on this VM (one thread): DExpertsLlama 26.8 tok/s at batch 1 and
 67.9 at batch 16; plain HF generate 74.7 and 173.1. The VM's 2 cores are shared with other work, so
@@ -42,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=1.0, help="proxy tuning: base + alpha * (tuned - untuned)")
     p.add_argument("--beta", type=float, default=0.1, help="DeRa: lambda = beta / beta_prime")
     p.add_argument("--beta-prime", type=float, default=0.05)
-    p.add_argument("--repeats", type=int, default=1, help="runs per contender; the fastest is reported")
+    p.add_argument("--repeats", type=int, default=3, help="runs per contender, side by side; the median is reported")
+    p.add_argument("--quick", action="store_true", help="CI smoke: the tiny model set, 2 prompts x 4 tokens, 1 repeat")
     p.add_argument("--stop-at-eos", action="store_true", help="stop rows at EOS (default: exact lengths)")
     p.add_argument("--out", default=str(RESULTS_DIR / "anchors_cpu"), help="output path without extension")
     args = p.parse_args(argv)
@@ -53,7 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    bench = build_bench_models(args.cache_dir)
+    if args.quick:
+        args.num_prompts, args.max_new_tokens, args.repeats, args.batch_sizes = 2, 4, 1, [1, 2]
+    bench = bench_models(quick=True) if args.quick else build_bench_models(args.cache_dir)
     tokenizer = load_tokenizer(bench.tokenizer_dir)
     models = load_policies(bench.paths)
     prompts = PROMPTS[: args.num_prompts]
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                   "float32",
         "workload": f"{len(prompts)} prompts x {args.max_new_tokens} new tokens, greedy, "
                     + ("stop at EOS" if args.stop_at_eos else "ignore_eos")
-                    + f", best of {args.repeats} run(s) per contender",
+                    + f", median of {args.repeats} run(s) per contender",
         "command": "python -m benchmarks.anchors " + shlex.join(argv if argv is not None else sys.argv[1:]),
     }
     rows = [{**r.to_dict(), "runs": " / ".join(f"{x:.1f}" for x in r.params["tok_s_runs"])} for r in results]

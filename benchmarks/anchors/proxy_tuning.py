@@ -22,8 +22,10 @@ ROLES = ("base", "tuned", "untuned")
 
 
 def proxy_tuning_generate(base, tuned, untuned, input_ids, attention_mask, max_new_tokens: int, alpha: float,
-                          eos_id: int | None, pad_id: int, ignore_eos: bool = True):
-    """Greedy proxy-tuned decoding of one static batch; returns new tokens [B, steps] (pad after EOS)."""
+                          eos_id: int | None, pad_id: int, ignore_eos: bool = True, on_step=None):
+    """Greedy proxy-tuned decoding of one static batch; returns new tokens [B, steps] (pad after EOS).
+
+    ``on_step(t)``, when given, is called once step ``t``'s tokens are known (serving benchmarks time them)."""
     import torch
 
     models = (base, tuned, untuned)
@@ -45,6 +47,8 @@ def proxy_tuning_generate(base, tuned, untuned, input_ids, attention_mask, max_n
             combined = l_base + alpha * (l_tuned - l_untuned)  # [B, V]
             nxt = torch.where(unfinished, combined.argmax(-1), pad_id)  # [B]
             steps.append(nxt)
+            if on_step is not None:
+                on_step(len(steps) - 1)
             if not ignore_eos and eos_id is not None:
                 unfinished &= nxt != eos_id
                 if not unfinished.any():

@@ -18,8 +18,8 @@ def run_anchor_suite(models: Mapping, tokenizer, prompts: Sequence[str], max_new
                      repeats: int = 1, on_result: Callable[[BenchResult], None] | None = None) -> list[BenchResult]:
     """proxy tuning and HF generate at each batch size, DeRa at batch 1 (its only setting).
 
-    With ``repeats`` > 1 each contender keeps its fastest run (the one least disturbed by other work on
-    a shared machine); every run's tok/s is kept in ``params["tok_s_runs"]``.
+    With ``repeats`` > 1 the contenders run side by side in each repeat (proxy, DeRa, HF, then again) and
+    each reports its median run (by tok/s); every run's tok/s is kept in ``params["tok_s_runs"]``.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -37,12 +37,15 @@ def run_anchor_suite(models: Mapping, tokenizer, prompts: Sequence[str], max_new
     for bs in batch_sizes:
         if "hf" in include:
             jobs.append(lambda bs=bs: run_hf_generate(models["base"], tokenizer, prompts, batch_size=bs, **common))
+    runs: list[list[BenchResult]] = [[] for _ in jobs]
+    for _ in range(repeats):
+        for i, job in enumerate(jobs):
+            runs[i].append(job())
+            if on_result is not None:
+                on_result(runs[i][-1])
     results = []
-    for job in jobs:
-        runs = [job() for _ in range(repeats)]
-        best = max(runs, key=lambda r: r.tok_s)
-        best.params["tok_s_runs"] = [round(r.tok_s, 2) for r in runs]
-        results.append(best)
-        if on_result is not None:
-            on_result(best)
+    for per in runs:
+        median = sorted(per, key=lambda r: r.tok_s)[(len(per) - 1) // 2]  # a real run (the lower middle if even)
+        median.params["tok_s_runs"] = [round(r.tok_s, 2) for r in per]
+        results.append(median)
     return results
