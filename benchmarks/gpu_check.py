@@ -5,7 +5,8 @@ and measures, in one run: the engine's mixing overhead (K-policy mixture over th
 at several concurrencies, single-policy and three-policy throughput against the proxy-tuning loop
 (three sequential HF forwards with past_key_values, static batch), the memory-bandwidth floor
 (sum of weight bytes / bandwidth per step), and for the 7B shape the cost of a speculative
-verification forward over k + 1 positions against a one-position decode step. Prints a short table last; full JSON goes to $OUT.
+verification forward over k + 1 positions against a one-position decode step, and a base + 3 LoRA adapters
+(unmerged, lanes of one forward) against the base alone. Prints a short table last; full JSON goes to $OUT.
 """
 
 from __future__ import annotations
@@ -176,6 +177,38 @@ def verify_cost(model, vocab: int, context: int = 128, ks=(2, 4, 8), iters: int 
             **{f"ratio_k{k}": out[k + 1] / out[1] for k in ks}}
 
 
+def adapter_mixture(base, tok, prompts, max_new: int, concs=(1, 16)) -> dict:
+    """A base + 3 rank-16 LoRA adapters on every linear layer, unmerged (adapter lanes of the base's forward):
+    the 4-policy mixture's tokens per second against the base alone (PEFT must be installed)."""
+    try:
+        import peft
+    except ImportError as err:
+        return {"skipped": f"peft is not installed ({err})"}
+    from benchmarks.engine_bench import registry_from_models, run_engine
+    from policymix.adapters import AdapterView
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = peft.get_peft_model(base, peft.LoraConfig(r=16, target_modules=targets, init_lora_weights=False),
+                                adapter_name="a0")
+    for i in (1, 2):
+        model.add_adapter(f"a{i}", peft.LoraConfig(r=16, target_modules=targets, init_lora_weights=False))
+    model.to(device=DEVICE, dtype=DTYPE).eval()
+    names = ["base", "a0", "a1", "a2"]
+    reg = registry_from_models({n: model for n in names}, tok, max_num_seqs=128, device=DEVICE, dtype=DTYPE,
+                               decode="dynamic")
+    for n in names:
+        p = reg.policies[n]
+        p.weights, p.adapter = model, (n if n != "base" else None)
+        p.model = AdapterView(model, p.adapter)
+    out = {}
+    for c in concs:
+        one = run_engine(reg, {"base": 1.0}, prompts[: max(c, 2)], max_new, c, sync=_sync)
+        mix = run_engine(reg, {"base": 0.4, "a0": 0.3, "a1": 0.2, "a2": 0.1}, prompts[: max(c, 2)], max_new, c,
+                         sync=_sync)
+        out[f"c{c}"] = {"base_tok_s": one.tok_s, "mixture_tok_s": mix.tok_s, "mixture_cost": one.tok_s / mix.tok_s}
+    return out
+
+
 def main() -> int:
     from benchmarks.engine_bench import mixing_overhead, registry_from_models, run_engine
 
@@ -246,6 +279,13 @@ def main() -> int:
                 rows.append({"shape": shape, "concurrency": batch, "K": 3, "proxy_loop_tok_s": tps,
                              "engine_proxy_tok_s": eng.tok_s, "ratio_engine_over_loop": eng.tok_s / tps})
                 print(json.dumps(rows[-1]), flush=True)
+        if shape in ("qwen2-0.5b", "tiny") and time.perf_counter() - t_start < budget:
+            try:
+                ad = adapter_mixture(build(shape, 1)["p0"], tok, prompts, max_new)  # a fresh, unpacked base
+            except Exception as err:  # noqa: BLE001 - report and carry on
+                ad = {"error": f"{type(err).__name__}: {err}"}
+            results.setdefault("adapters", {})[shape] = ad
+            print("base + 3 adapters (unmerged lanes) vs base alone:", shape, json.dumps(ad), flush=True)
         results["rows"] = rows
         (out_dir / "gpu_check.json").write_text(json.dumps(results, indent=1))
         del models, reg

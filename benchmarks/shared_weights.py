@@ -129,6 +129,54 @@ def speed(base_dir: Path, adapters: dict[str, Path], repeats: int, max_new: int,
     return rows
 
 
+def lora_paths(base_dir: Path, adapters: dict[str, Path], repeats: int, tokens: int = 4) -> list[dict]:
+    """One forward (``tokens`` per row, no cache) of the base with 2 adapters, rows cycling base, lora0, lora1:
+    PEFT's mixed-adapter batches (``adapter_names``) against the grouped layers the server uses
+    (adapters.GroupedLoRA), both over oneDNN-packed base layers, and the base alone (no adapter rows)."""
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from policymix.adapters import group_adapters
+    from policymix.engine.cpu_linear import pack_linears
+
+    def loaded():
+        m = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+                                           adapters["lora0"], adapter_name="lora0")
+        m.load_adapter(adapters["lora1"], adapter_name="lora1")
+        return m.eval()
+
+    mixed = loaded()
+    pack_linears(mixed)
+    grouped = group_adapters(loaded())
+    pack_linears(grouped)
+    rows = []
+    for n in (3, 48):
+        ids = torch.randint(100, 20000, (n, tokens), generator=torch.Generator().manual_seed(n))
+        names = [("__base__", "lora0", "lora1")[i % 3] for i in range(n)]
+        runs = {"peft_adapter_names": lambda: mixed(input_ids=ids, adapter_names=names),
+                "grouped": lambda: (grouped.adapter_rows.set(names), grouped(input_ids=ids)),
+                "base_alone": lambda: (grouped.adapter_rows.set(["__base__"] * n), grouped(input_ids=ids))}
+        times = {k: [] for k in runs}
+        with torch.inference_mode():
+            a = mixed(input_ids=ids, adapter_names=names).logits
+            grouped.adapter_rows.set(names)
+            b = grouped(input_ids=ids).logits
+            diff = float((a - b).abs().max())
+            for _ in range(repeats + 1):  # the first round warms up
+                for k, f in runs.items():
+                    t = time.perf_counter()
+                    f()
+                    times[k].append(time.perf_counter() - t)
+        med = {k: statistics.median(v[1:]) for k, v in times.items()}
+        rows.append({"rows": n, "tokens_per_row": tokens, "seconds": med, "max_abs_logit_difference": diff,
+                     "peft_over_base": round(med["peft_adapter_names"] / med["base_alone"], 3),
+                     "grouped_over_base": round(med["grouped"] / med["base_alone"], 3)})
+        print(f"LoRA paths @ {n} rows: PEFT {rows[-1]['peft_over_base']:.2f}x, grouped {rows[-1]['grouped_over_base']:.2f}x "
+              f"the base alone (logits differ by {diff:.1e})", flush=True)
+    return rows
+
+
 def rss_of(case: str, base_dir: Path, adapters: dict[str, Path]) -> dict:
     """A fresh process's resident set after loading ``case`` and generating a little (``--rss-case``)."""
     out = subprocess.run([sys.executable, "-m", "benchmarks.shared_weights", "--rss-case", case,
@@ -196,7 +244,7 @@ def memory(base_dir: Path, adapters: dict[str, Path]) -> dict:
             "embedded minus runtime (run, KV cache apart)": held["embedded"] - runs["runtime"]["rss_bytes"]}
 
 
-def report(rows: list[dict], mem: dict, meta: dict) -> str:
+def report(rows: list[dict], mem: dict, meta: dict, paths: list[dict]) -> str:
     mib = 2**20
     lines = [f"# Shared weights: prompted policies and LoRA adapters as lanes ({meta['date']}, commit {meta['commit']})",
              "", f"Command: `{meta['command']}`. {meta['machine']}; torch threads: {meta['threads']}; "
@@ -205,6 +253,13 @@ def report(rows: list[dict], mem: dict, meta: dict) -> str:
     for r in rows:
         base = r["baseline"] if isinstance(r["baseline"], str) else json.dumps(r["baseline"])
         lines.append(f"| {r['case']} | `{base}` alone | {r['concurrency']} | {r['ratio']:.2f}x |")
+    lines += ["", "Two ways to run adapter rows, side by side (one forward of 4 tokens per row, no cache, rows cycling",
+              "base / lora0 / lora1, oneDNN-packed base layers under both; median of 5):", "",
+              "| rows | PEFT mixed-adapter batches / base alone | grouped low-rank layers (kept) / base alone | logits differ by |",
+              "|---|---|---|---|"]
+    for p in paths:
+        lines.append(f"| {p['rows']} | {p['peft_over_base']:.2f}x | {p['grouped_over_base']:.2f}x | "
+                     f"{p['max_abs_logit_difference']:.1e} |")
     runs = mem["runs"]
     lines += ["", "Resident memory, a fresh process each: loaded (an engine built, its weights packed), then after 4",
               "requests of 8 tokens (the KV cache it allocated shown apart: each policy's lane holds its own):", "",
@@ -252,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     base_dir = smollm2_dir()
     adapters = make_adapters(base_dir, cache_root() / "bench-adapters", 4)
     repeats, max_new = (1, 4) if args.quick else (args.repeats, args.max_new)
+    paths = lora_paths(base_dir, adapters, 1 if args.quick else 5) if args.only != "memory" else []
     rows = speed(base_dir, adapters, repeats, max_new, args.quick) if args.only != "memory" else []
     mem = memory(base_dir, adapters) if args.only != "speed" else None
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -260,12 +316,13 @@ def main(argv: list[str] | None = None) -> int:
             "command": "OMP_NUM_THREADS=1 python -m benchmarks.shared_weights" + (" --quick" if args.quick else "")}
     if mem is None:
         return 0
-    text = report(rows, mem, meta)
+    text = report(rows, mem, meta, paths)
     print(text)
     if not args.quick and args.only is None:
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "shared_weights_cpu.md").write_text(text)
-        (RESULTS / "shared_weights_cpu.json").write_text(json.dumps({"meta": meta, "speed": rows, "memory": mem},
+        (RESULTS / "shared_weights_cpu.json").write_text(json.dumps({"meta": meta, "speed": rows, "memory": mem,
+                                                                     "lora_paths": paths},
                                                                     indent=1) + "\n")
     return 0
 

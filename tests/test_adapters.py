@@ -97,11 +97,11 @@ def test_adapters_share_their_base_and_are_not_merged(registry):
     core = EngineCore(registry)
     assert set(core.runners) == {"base", "small"}  # one runner per set of weights
     assert core.runners["base"].adapters == {"a1": "a1", "a2": "a2"}
-    # the base's linear layers are prepacked for oneDNN under the LoRA layers; the adapters' own stay plain
+    # the base's linear layers are prepacked for oneDNN under the grouped LoRA layers
     packed = {n for n, m in base.weights.named_modules() if type(m).__name__ == "PackedLinear"}
     assert core.runners["base"].packed_linears == 0 or (packed and not any(".lora_" in n for n in packed))
-    lora = [n for n, _ in base.weights.named_modules() if n.endswith("lora_A.a1")]
-    assert len(lora) == len(TARGETS) * base.weights.get_base_model().config.num_hidden_layers
+    grouped = [n for n, m in base.weights.named_modules() if type(m).__name__ == "GroupedLoRA"]
+    assert len(grouped) == len(TARGETS) * base.weights.config.num_hidden_layers
 
 
 RECIPES = [

@@ -32,6 +32,8 @@ def test_gpu_check_dry_run_on_cpu(tmp_path, monkeypatch):
     data = json.loads((tmp_path / "gpu_check.json").read_text())
     assert data["device"] == "cpu" and data["rows"]
     assert {"single_tok_s", "mixture_tok_s", "ratio_mix_over_sum"} <= set(data["rows"][0])
+    adapters = data["adapters"]["tiny"]  # the base + 3 adapters as lanes ran (peft is in the lab extra)
+    assert "error" not in adapters and (adapters.get("skipped") or adapters["c1"]["mixture_tok_s"] > 0)
 
 
 def test_cpu_linear_benchmark_runs(tiny_dir, tmp_path):

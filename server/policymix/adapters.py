@@ -1,15 +1,17 @@
-"""LoRA adapters served unmerged: every adapter of one base in one PEFT model, applied per row.
+"""LoRA adapters served unmerged: every adapter of one base in one model, applied per row.
 
-Policies that are PEFT LoRA adapters of the same base share that base's loaded weights: one
-``PeftModel`` holds every adapter by its policy's name, and a forward mixes them row by row with PEFT's
-mixed-adapter batches (``adapter_names``: the base's linear layers run once over all rows, each
-adapter's low-rank update over its own rows; ``"__base__"`` rows get none). So a mixture of a base and
+Policies that are PEFT LoRA adapters of the same base share that base's loaded weights. PEFT loads
+each adapter under its policy's name; then every LoRA layer becomes a :class:`GroupedLoRA`, which
+holds all adapters of that layer concatenated and gives each row of a forward its own adapter's
+update (or none: the base and its prompted policies) in two small matmuls. So a mixture of a base and
 its adapters (DeRa over a LoRA DPO policy, MOD over LoRA experts, implicit rewards against the base)
-costs one read of the base per step, and memory holds the base once plus the adapters.
+costs one read of the base per step, and memory holds the base once plus the adapters. (PEFT's own
+mixed-adapter batches, ``adapter_names``, give the same numbers with a Python loop over adapters per
+layer; ``benchmarks/shared_weights.py`` measures both side by side, and the grouped form was kept.)
 
-What PEFT's mixed batches do not cover is refused at start, with one line naming the policy: other
-PEFT types than LoRA, DoRA and other LoRA variants, ``modules_to_save`` (full copies of modules, per
-adapter) and LoRA on layers other than linear ones (embeddings, convolutions).
+What this does not cover is refused at start, with one line naming the policy: other PEFT types than
+LoRA, DoRA and other LoRA variants, ``modules_to_save`` (full copies of modules, per adapter) and LoRA
+on layers other than linear ones (embeddings, convolutions).
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 from .errors import ConfigError
 
@@ -47,12 +53,11 @@ def check_adapter(policy: str, path: str) -> None:
                           + "; ".join(problems))
 
 
-def attach_adapters(base, adapters: dict[str, str]):
-    """The PEFT model over ``base`` with each adapter loaded under its policy's name (``base`` is changed in
-    place: its linear layers become LoRA layers; without ``adapter_names`` a forward would apply the active
-    adapter, so every caller goes through :class:`AdapterView` or passes ``adapter_names``)."""
+def attach_adapters(base, adapters: dict[str, str]) -> nn.Module:
+    """``base`` with each adapter, loaded by PEFT under its policy's name, grouped into its LoRA layers
+    (:func:`group_adapters`; ``base`` is changed in place: a forward applies what ``adapter_rows`` says, so
+    every caller goes through :class:`AdapterView` or sets the rows)."""
     from peft import PeftModel  # optional: only configs with adapters need peft
-    from torch import nn
 
     names = list(adapters)
     model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
@@ -64,38 +69,127 @@ def attach_adapters(base, adapters: dict[str, str]):
             if policy in lora and not isinstance(mod.get_base_layer(), nn.Linear):
                 raise ConfigError(f"policies.{policy}: LoRA on {mod_name} ({type(mod.get_base_layer()).__name__}) "
                                   "cannot be served as an adapter lane (linear layers only)")
-    model.eval()
-    model.requires_grad_(False)
-    return model
+    return group_adapters(model)
+
+
+class AdapterRows:
+    """Which adapter each row of the next forward gets, shared by every grouped layer of one model: a mask
+    [rows, 1, sum of widths] that keeps each row's own adapter's block of the concatenated low-rank space
+    (None: no row has an adapter, the base alone runs)."""
+
+    def __init__(self, names: list[str], widths: list[int], device, dtype):
+        self.index = {name: i + 1 for i, name in enumerate(names)}  # 0: the base
+        blocks = torch.zeros(len(names) + 1, sum(widths), dtype=dtype, device=device)
+        start = 0
+        for i, w in enumerate(widths):
+            blocks[i + 1, start:start + w] = 1.0
+            start += w
+        self.blocks = blocks  # [adapters + 1, sum of widths]
+        self.mask: torch.Tensor | None = None
+
+    def set(self, adapters: list[str]) -> None:
+        """The next forward's rows: one adapter name per row (BASE or an unknown name: none)."""
+        idx = [self.index.get(a, 0) for a in adapters]
+        self.mask = None if not any(idx) else \
+            self.blocks.index_select(0, torch.tensor(idx, device=self.blocks.device))[:, None, :]
+
+
+class GroupedLoRA(nn.Module):
+    """``y = base(x) + B_cat((A_cat x) * mask)``: every adapter of a layer in one pair of small matmuls.
+
+    A_cat stacks the adapters' A matrices [sum of widths, in] and B_cat their B matrices times their
+    scaling [out, sum of widths], each adapter's block zero-padded to its width (its largest rank over the
+    layers; an adapter that does not target this layer is all zeros here). The row's mask zeroes every
+    block but its own adapter's (exactly: 0 * finite = 0), so each row gets the base plus its own
+    adapter's update. Two matmuls per layer whatever the number of adapters, where PEFT's mixed batches
+    gather and scatter each adapter's rows in a Python loop (measured in benchmarks/shared_weights.py)."""
+
+    checkpoint_free = True  # its tensors are made here, not mapped from a checkpoint (cpu_linear: no copy)
+
+    def __init__(self, lora_layer, names: list[str], widths: dict[str, int], rows: AdapterRows):
+        super().__init__()
+        self.base_layer = lora_layer.get_base_layer()
+        w = self.base_layer.weight
+        a_blocks, b_blocks = [], []
+        for name in names:
+            a = w.new_zeros(widths[name], self.base_layer.in_features)
+            b = w.new_zeros(self.base_layer.out_features, widths[name])
+            if name in lora_layer.lora_A:
+                r = lora_layer.lora_A[name].weight.shape[0]
+                a[:r] = lora_layer.lora_A[name].weight
+                b[:, :r] = lora_layer.lora_B[name].weight * lora_layer.scaling[name]
+            a_blocks.append(a)
+            b_blocks.append(b)
+        self.a = nn.Parameter(torch.cat(a_blocks), requires_grad=False)  # [sum of widths, in]
+        self.b = nn.Parameter(torch.cat(b_blocks, dim=1), requires_grad=False)  # [out, sum of widths]
+        self.rows = rows
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        mask = self.rows.mask
+        if mask is None:
+            return y
+        low = F.linear(x, self.a).mul_(mask)  # [B, Q, sum of widths]: each row's own block
+        return y.add_(F.linear(low, self.b))
+
+
+def group_adapters(peft_model) -> nn.Module:
+    """The served model: PEFT's base model with every LoRA layer replaced by a :class:`GroupedLoRA` (the
+    adapters' weights moved into it); its ``adapter_rows`` says which adapter each row of a forward gets."""
+    from peft.tuners.lora import LoraLayer
+
+    base = peft_model.get_base_model()
+    layers = [(n, m) for n, m in base.named_modules() if isinstance(m, LoraLayer)]
+    names = list(peft_model.peft_config)
+    widths = {a: max(m.lora_A[a].weight.shape[0] for _, m in layers if a in m.lora_A) for a in names}
+    ref = layers[0][1].get_base_layer().weight
+    rows = AdapterRows(names, [widths[a] for a in names], ref.device, ref.dtype)
+    for mod_name, mod in layers:
+        parent, _, attr = mod_name.rpartition(".")
+        setattr(base.get_submodule(parent) if parent else base, attr, GroupedLoRA(mod, names, widths, rows))
+    base.adapter_rows = rows
+    base.eval()
+    base.requires_grad_(False)
+    return base
 
 
 class AdapterView:
-    """One policy of a shared PEFT model, called like a model: its adapter (or none: the base) on every row.
+    """One policy of a shared adapter model, called like a model: its adapter (or none: the base) on every
+    row. The engine's runner sets the rows itself; everything else that calls a policy's ``model``
+    (scoring, the lab, tests) gets exactly that policy through this view (not while the engine steps the
+    same model on another thread: the rows are the model's)."""
 
-    The engine's runner calls the shared model with per-row ``adapter_names``; everything else that calls a
-    policy's ``model`` (scoring, the lab, tests) gets exactly that policy through this view."""
-
-    def __init__(self, peft_model, adapter: str | None):
-        self.peft_model = peft_model
+    def __init__(self, model: nn.Module, adapter: str | None):
+        self.shared = model
         self.adapter = adapter or BASE
 
     @property
     def config(self):
-        return self.peft_model.get_base_model().config
+        return self.shared.config
 
-    def _names(self, args: tuple, kwargs: dict[str, Any]) -> list[str]:
+    def _rows(self, args: tuple, kwargs: dict[str, Any]) -> None:
         x = kwargs.get("input_ids", args[0] if args else None)
         if x is None:
             x = kwargs["inputs_embeds"]
-        return [self.adapter] * x.shape[0]
+        self.shared.adapter_rows.set([self.adapter] * x.shape[0])
 
     def __call__(self, *args, **kwargs):
-        return self.peft_model(*args, adapter_names=self._names(args, kwargs), **kwargs)
+        self._rows(args, kwargs)
+        return self.shared(*args, **kwargs)
 
     forward = __call__
 
     def generate(self, *args, **kwargs):
-        return self.peft_model.generate(*args, adapter_names=self._names(args, kwargs), **kwargs)
+        self._rows(args, kwargs)
+        return self.shared.generate(*args, **kwargs)
 
     def __getattr__(self, name: str):  # parameters(), device, dtype, eval(), ...: the shared model's
-        return getattr(self.peft_model, name)
+        return getattr(self.shared, name)

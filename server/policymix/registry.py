@@ -36,9 +36,9 @@ class LoadedPolicy:
     beta: float | None = None
     source: tuple[str, str | None, str | None] | None = None  # (weights path or hub id, gguf file, adapter)
     eos_ids: frozenset[int] = frozenset()  # the tokenizer's EOS and the generation config's (HF generate stops on both)
-    # adapter policies and their base share one PEFT model (adapters.py): ``weights`` is that model, whose
-    # forward the engine runs with per-row adapters, and ``adapter`` this policy's adapter in it (None: the
-    # base); ``model`` is then a view that applies this policy's adapter alone
+    # adapter policies and their base share one model holding every adapter (adapters.py): ``weights`` is
+    # that model, whose forward the engine runs with per-row adapters, and ``adapter`` this policy's adapter
+    # in it (None: the base); ``model`` is then a view that applies this policy's adapter alone
     weights: Any = None
     adapter: str | None = None
 
@@ -328,7 +328,7 @@ def load_registry(cfg: Config, progress: Callable[[str], None] | None = None,
 
 
 def _serve_adapters(reg: Registry, adapters: dict[tuple, dict[str, str]], base_of: dict[str, tuple]) -> None:
-    """Every adapter of a base into one PEFT model; each policy on that base (the base itself, its prompted
+    """Every adapter of a base into one model; each policy on that base (the base itself, its prompted
     policies, its adapters) gets the shared model as its ``weights`` and a view of its own as ``model``."""
     from .adapters import AdapterView, attach_adapters
 

@@ -92,7 +92,7 @@ def _release_checkpoint(model: nn.Module) -> None:
     packed copies. Measured on SmolLM2-135M (float32, 513 MB): 1,641 MB resident after packing, 1,227 MB
     after this (benchmarks/shared_weights.py)."""
     for mod_name, mod in model.named_modules():
-        if ".lora_" in mod_name:  # an adapter's tensors were made by PEFT, not mapped from the checkpoint
+        if ".lora_" in mod_name or getattr(mod, "checkpoint_free", False):  # made in memory, not mapped
             continue
         for name, p in mod._parameters.items():
             if p is not None:

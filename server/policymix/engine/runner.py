@@ -38,8 +38,8 @@ class PolicyRunner:
                  adapters: dict[str, str] | None = None):
         self.name = name
         self.model = model
-        # policy -> its LoRA adapter in ``model`` (a shared PEFT model, adapters.py): each row of a forward
-        # gets its lane's adapter through PEFT's mixed-adapter batches; policies not named run the base
+        # policy -> its LoRA adapter in ``model`` (adapters.py: every adapter of the base, grouped): each row of
+        # a forward gets its lane's adapter; policies not named run the base
         self.adapters = dict(adapters or {})
         # float32 on CPU: linear layers prepacked for oneDNN once (cpu_linear.py); a no-op for weights
         # another runner already packed (prompted policies share them)
@@ -63,12 +63,12 @@ class PolicyRunner:
         self.split_steps = 0  # steps whose joining prompts ran apart from the decoding rows
         # decode-only steps: "dynamic" (the general path below), "static" (static shapes, eager) or
         # "graphs" (static shapes replayed as CUDA graphs)
-        # (not for adapter lanes: PEFT picks each adapter's rows with data-dependent indexing every call)
+        # (not for adapter lanes: each forward sets its rows' adapters, which a captured graph would not see)
         self.static = StaticDecoder(self, use_graphs=decode == "graphs") \
             if decode != "dynamic" and not self.adapters else None
 
     def _adapter(self, lane) -> str:
-        """The adapter of a lane's policy (PEFT's "__base__": none)."""
+        """The adapter of a lane's policy ("__base__": none)."""
         return self.adapters.get(lane.seq.request.plan.policy_of(lane.stream), "__base__")
 
     def __len__(self) -> int:
@@ -197,10 +197,11 @@ class PolicyRunner:
         mask = torch.where(keys <= pos[:, :, None], 0.0, self.mask_min).to(self.dtype)[:, None]  # [B, 1, Q, K]
         pos = pos.to(self.device)
         self.cache.begin_step(len(part), pos, kv_len, first=lo)
-        extra = {"adapter_names": [self._adapter(lane) for lane in self.slots[lo:hi]]} if self.adapters else {}
+        if self.adapters:  # each row's adapter (adapters.GroupedLoRA reads them)
+            self.model.adapter_rows.set([self._adapter(lane) for lane in self.slots[lo:hi]])
         out = self.model(
             input_ids=ids.to(self.device), attention_mask=mask.to(self.device), position_ids=pos,
-            use_cache=True, logits_to_keep=max(keep, 1), **{self.cache_kw: self.cache}, **extra,
+            use_cache=True, logits_to_keep=max(keep, 1), **{self.cache_kw: self.cache},
         )
         if keep:  # rows are left padded: a row's last n positions are the last n columns
             for b, f in enumerate(part):
