@@ -16,6 +16,7 @@ from ..mixing.recipes import Variant
 from ..registry import Registry
 from .protocol import GenerationRequest, ImplicitRewardSpec, Prompt, RequestPlan
 from .speculative import DRAFT_STREAM, drafter_key
+from .structured import plan_grammar
 
 
 def make_plan(registry: Registry, req: GenerationRequest) -> RequestPlan:
@@ -61,6 +62,7 @@ def make_plan(registry: Registry, req: GenerationRequest) -> RequestPlan:
     eos = frozenset().union(*(registry.policies[req.recipe.policy_of(n)].eos_ids for n in req.recipe.active))
     scorers = (req.rerank.reward_model,) if req.rerank is not None and req.rerank.kind == "reward_model" else ()
     draft_prompt = _draft_prompt(registry, req, prompt)
+    grammar = plan_grammar(registry, req, eos) if req.constraint is not None else None
     return RequestPlan(
         request=req, sampling=replace(sp, max_tokens=max_tokens, stop=list(sp.stop),
                                       stop_token_ids=list(sp.stop_token_ids), logit_bias=dict(sp.logit_bias)),
@@ -69,7 +71,7 @@ def make_plan(registry: Registry, req: GenerationRequest) -> RequestPlan:
         runner_of={**{name: v.policy for name, v in variants.items()},
                    **({DRAFT_STREAM: drafter_key(req.speculative.draft)} if draft_prompt is not None else {})},
         speculative=req.speculative,
-        draft_prompt=draft_prompt)
+        draft_prompt=draft_prompt, grammar=grammar)
 
 
 def _draft_prompt(registry: Registry, req: GenerationRequest, prompt: Prompt) -> list[int] | None:

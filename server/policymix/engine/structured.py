@@ -1,0 +1,160 @@
+"""Constrained decoding of the mixture (structured outputs) with xgrammar.
+
+A request's :class:`~policymix.engine.protocol.Constraint` (a JSON schema, any JSON object, a regex, a
+choice of strings or an EBNF grammar) is compiled once per request by the plan (:func:`compile_constraint`)
+against its tokenizer family's vocabulary, with the request's stop tokens as the grammar's end. Each
+sequence then keeps its own ``xgrammar.GrammarMatcher`` (:func:`new_matcher`): n > 1 and best-of
+candidates start their own, a beam branch forks its parent's (``fork``), and a sequence's prompt variants
+share its one matcher (the constraint is on the text, not on a context).
+
+Every step, the matcher's token bitmask is applied to the sequence's row of the **mixed** scores
+``sum_k w_k * l_k`` before penalties, temperature, filtering and the draw (:func:`mask_rows`), so every
+sampled (or greedy) token is one the grammar allows, whatever the weights. Returned logprobs are
+``log_softmax`` of the masked scores, as vLLM returns them (its bitmask is applied to the logits before
+its sampler computes logprobs): a token the grammar forbids has logprob -inf. Speculative rounds mask
+each verified position after the drafts before it (:func:`mask_positions`: the matcher advances through
+the drafts, then rolls back); the tokens a round emits then advance it like any sampled token
+(:func:`advance`). When the grammar is complete only its stop tokens are allowed, and the sequence ends
+on one (finish_reason ``stop``).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import torch
+
+from ..errors import PolicymixError
+from .protocol import Constraint
+
+try:  # an optional import until the environment has it (pyproject pins it: the version vLLM 0.32 requires)
+    import xgrammar as xgr
+except ImportError:  # pragma: no cover - the pinned dependency is installed everywhere the tests run
+    xgr = None
+
+_compilers: dict[tuple[int, int, int], Any] = {}  # (id(tokenizer), vocab, family) -> GrammarCompiler
+_lock = threading.Lock()  # plans are made on the API thread, but tests and tools may call from several
+
+
+def _compiler(tokenizer, vocab_size: int, family: int):
+    """The family's xgrammar compiler (its cache keeps every compiled grammar for reuse)."""
+    if xgr is None:
+        raise PolicymixError("structured outputs need the xgrammar package (pip install xgrammar==0.2.8)",
+                             param="response_format")
+    key = (id(tokenizer), vocab_size, family)
+    with _lock:
+        comp = _compilers.get(key)
+        if comp is None:
+            info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
+            comp = _compilers[key] = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=True)
+        return comp
+
+
+def choice_grammar(choices: list[str]) -> str:
+    """An EBNF grammar whose language is exactly ``choices``."""
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+
+
+def compile_constraint(c: Constraint, tokenizer, vocab_size: int, family: int) -> Any:
+    """The compiled grammar of ``c`` (an ``xgrammar.CompiledGrammar``); a bad schema, regex or grammar is a
+    400 naming the field it came from."""
+    comp = _compiler(tokenizer, vocab_size, family)
+    ws = {"any_whitespace": c.any_whitespace}
+    if not c.any_whitespace:
+        ws["separators"] = (",", ":")
+    try:
+        if c.kind == "json":
+            spec = c.spec if isinstance(c.spec, str) else json.dumps(c.spec)
+            return comp.compile_json_schema(spec, strict_mode=True, **ws)
+        if c.kind == "json_object":
+            return comp.compile_json_schema('{"type": "object"}', strict_mode=True, **ws)
+        if c.kind == "regex":
+            return comp.compile_regex(c.spec)
+        if c.kind == "choice":
+            return comp.compile_grammar(choice_grammar(c.spec))
+        if c.kind == "grammar":
+            return comp.compile_grammar(c.spec)
+    except Exception as err:  # xgrammar raises RuntimeError / ValueError / InvalidJSONError with its reason
+        raise PolicymixError(f"{c.param}: xgrammar cannot compile the {c.kind.replace('_', ' ')}: "
+                             f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}",
+                             param=c.param) from None
+    raise PolicymixError(f"{c.param}: unknown constraint kind {c.kind!r}", param=c.param)
+
+
+def check_request(req) -> None:
+    """Fields that cannot be combined with a constraint (400s naming them)."""
+    c, sp = req.constraint, req.sampling
+    if sp.min_tokens:
+        raise PolicymixError("min_tokens cannot be combined with a structured-output constraint: the grammar "
+                             "decides where the output ends", param="min_tokens")
+    if sp.ignore_eos:
+        raise PolicymixError("ignore_eos cannot be combined with a structured-output constraint: the output ends "
+                             "at the grammar's stop token", param="ignore_eos")
+    if c.kind == "choice" and (not isinstance(c.spec, list) or not c.spec or
+                               not all(isinstance(s, str) for s in c.spec)):
+        raise PolicymixError(f"{c.param}: a choice is a non-empty list of strings", param=c.param)
+
+
+def plan_grammar(registry, req, eos_ids: frozenset[int]) -> tuple[Any, list[int]]:
+    """``RequestPlan.grammar`` of a constrained request: its compiled grammar and stop tokens (raises naming the
+    field)."""
+    check_request(req)
+    policy = registry.policies[req.recipe.policy_of(next(iter(req.recipe.active)))]
+    compiled = compile_constraint(req.constraint, policy.tokenizer, policy.vocab_size, policy.family)
+    return compiled, stop_tokens(eos_ids, req.sampling.stop_token_ids)
+
+
+def stop_tokens(plan_eos: frozenset[int], stop_token_ids: list[int]) -> list[int]:
+    """The grammar's end: the recipe's EOS ids and the request's stop ids (vLLM's ``all_stop_token_ids``)."""
+    return sorted(set(plan_eos) | set(stop_token_ids))
+
+
+def new_matcher(grammar) -> Any:
+    """A fresh matcher of a request's compiled grammar (``grammar``: ``RequestPlan.grammar``)."""
+    compiled, stops = grammar
+    return xgr.GrammarMatcher(compiled, override_stop_tokens=stops)
+
+
+def _apply(x: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+    """Set ``x[r, t] = -inf`` where bit t of ``bitmask[r]`` is 0, for every r in ``rows`` (in place)."""
+    V = x.shape[1]
+    idx = torch.tensor(rows, dtype=torch.long, device=x.device)
+    bits = bitmask.index_select(0, idx).to(x.device)  # [R, ceil(V / 32)] int32
+    shifts = torch.arange(32, dtype=torch.int32, device=x.device)
+    allowed = ((bits[:, :, None] >> shifts) & 1).bool().reshape(len(rows), -1)[:, :V]  # [R, V]
+    x[idx] = x.index_select(0, idx).masked_fill_(~allowed, float("-inf"))
+
+
+def mask_rows(mixed: torch.Tensor, rows: list[tuple[int, Any]]) -> None:
+    """Apply each ``(row, matcher)``'s next-token bitmask to ``mixed`` [S, V] in place."""
+    bitmask = xgr.allocate_token_bitmask(mixed.shape[0], mixed.shape[1])
+    for row, matcher in rows:
+        matcher.fill_next_token_bitmask(bitmask, row)
+    _apply(mixed, bitmask, [r for r, _ in rows])
+
+
+def mask_positions(mixed: torch.Tensor, matcher, drafts: list[int]) -> None:
+    """A speculative round's verified positions ``mixed`` [k + 1, V], position j masked as the grammar stands
+    after ``drafts[:j]`` (in place). The matcher advances through the drafts and rolls back: it is left as it
+    was. Positions after a draft that the grammar refuses keep their scores: that draft is masked out at its
+    own position, so it is rejected there and nothing after it is used."""
+    bitmask = xgr.allocate_token_bitmask(mixed.shape[0], mixed.shape[1])
+    accepted, filled = 0, []
+    for j in range(len(drafts) + 1):
+        if matcher.is_terminated():
+            break
+        matcher.fill_next_token_bitmask(bitmask, j)
+        filled.append(j)
+        if j == len(drafts) or not matcher.accept_token(drafts[j]):
+            break
+        accepted += 1
+    if accepted:
+        matcher.rollback(accepted)
+    _apply(mixed, bitmask, filled)
+
+
+def advance(matcher, token: int) -> bool:
+    """Feed a sequence's recorded token to its matcher; False if the grammar refuses it (a bug)."""
+    return matcher.is_terminated() or matcher.accept_token(token)
