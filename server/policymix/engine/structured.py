@@ -21,6 +21,7 @@ on one (finish_reason ``stop``).
 from __future__ import annotations
 
 import json
+import re
 import threading
 from typing import Any
 
@@ -35,6 +36,7 @@ except ImportError:  # pragma: no cover - the pinned dependency is installed eve
     xgr = None
 
 _compilers: dict[tuple[int, int, int], Any] = {}  # (id(tokenizer), vocab, family) -> GrammarCompiler
+_SOURCE = re.compile(r"^\[[0-9:]+\]\s*\S+:\d+:\s*")  # the C++ source prefix of xgrammar's messages
 _lock = threading.Lock()  # plans are made on the API thread, but tests and tools may call from several
 
 
@@ -57,6 +59,24 @@ def choice_grammar(choices: list[str]) -> str:
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
 
 
+def _bounded_strings(schema: Any) -> Any:
+    """``schema`` with each string's minLength / maxLength written as a pattern of plain characters.
+
+    xgrammar 0.2.8 lets a string with a length bound hold raw control characters (U+0000-U+001F), which JSON
+    forbids, so such output would not parse; a pattern of characters other than controls, ``"`` and ``\\``
+    bounds the length and keeps the JSON valid (escapes are then not generated inside bounded strings)."""
+    if isinstance(schema, list):
+        return [_bounded_strings(x) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _bounded_strings(v) for k, v in schema.items()}
+    if (out.get("type") == "string" and ("minLength" in out or "maxLength" in out)
+            and not {"pattern", "format", "enum", "const"} & out.keys()):
+        lo, hi = int(out.pop("minLength", 0)), out.pop("maxLength", None)
+        out["pattern"] = "^[^\"\\\\\\x00-\\x1f]{%d,%s}$" % (lo, "" if hi is None else int(hi))
+    return out
+
+
 def compile_constraint(c: Constraint, tokenizer, vocab_size: int, family: int) -> Any:
     """The compiled grammar of ``c`` (an ``xgrammar.CompiledGrammar``); a bad schema, regex or grammar is a
     400 naming the field it came from."""
@@ -66,7 +86,7 @@ def compile_constraint(c: Constraint, tokenizer, vocab_size: int, family: int) -
         ws["separators"] = (",", ":")
     try:
         if c.kind == "json":
-            spec = c.spec if isinstance(c.spec, str) else json.dumps(c.spec)
+            spec = json.dumps(_bounded_strings(json.loads(c.spec) if isinstance(c.spec, str) else c.spec))
             return comp.compile_json_schema(spec, strict_mode=True, **ws)
         if c.kind == "json_object":
             return comp.compile_json_schema('{"type": "object"}', strict_mode=True, **ws)
@@ -77,8 +97,9 @@ def compile_constraint(c: Constraint, tokenizer, vocab_size: int, family: int) -
         if c.kind == "grammar":
             return comp.compile_grammar(c.spec)
     except Exception as err:  # xgrammar raises RuntimeError / ValueError / InvalidJSONError with its reason
-        raise PolicymixError(f"{c.param}: xgrammar cannot compile the {c.kind.replace('_', ' ')}: "
-                             f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}",
+        lines = str(err).strip().splitlines()
+        reason = _SOURCE.sub("", lines[0]) if lines else type(err).__name__  # without "[time] file.cc:83: "
+        raise PolicymixError(f"{c.param}: xgrammar cannot compile the {c.kind.replace('_', ' ')}: {reason}",
                              param=c.param) from None
     raise PolicymixError(f"{c.param}: unknown constraint kind {c.kind!r}", param=c.param)
 

@@ -203,6 +203,10 @@ class VllmEngine(RegistryEngineClient):
         for name in request.recipe.active:
             if name in self.unservable:
                 raise PolicymixError(self.unservable[name], param="mixture" if request.recipe.form != "single" else "model")
+        if request.constraint is not None:
+            c = request.constraint
+            raise PolicymixError(f"{c.param}: structured outputs are not yet passed to --engine vllm's own backend "
+                                 "(docs/vllm.md); use --engine native", param=c.param)
         if request.search is not None:
             raise PolicymixError("search is not available on --engine vllm (a beam branches mid-sequence); use "
                                  "--engine native", param="search")
