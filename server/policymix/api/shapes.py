@@ -322,8 +322,9 @@ class _ChatStream(StreamWriter):
                                    created=self.job.created, model=self.job.model, choices=choices, **fields)
 
     def start(self) -> Iterator[Any]:
+        content = None if self.job.tool_calls is not None else ""  # (OpenAI: null content when tools call)
         for idx in range(self.total):  # the first delta of every choice carries the role
-            yield self.chunk([ChatStreamChoice(index=idx, delta=DeltaMessage(role="assistant", content=""),
+            yield self.chunk([ChatStreamChoice(index=idx, delta=DeltaMessage(role="assistant", content=content),
                                                logprobs=None, finish_reason=None)])
 
     def prompt(self, i: int, ev: PromptEvent) -> Iterator[Any]:
