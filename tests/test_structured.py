@@ -371,12 +371,12 @@ def test_refused_constraints_name_the_field(server, extra, param):
     assert r.json()["error"]["param"] == param
 
 
-def test_vllm_engine_refuses_constraints_naming_the_field(core):
-    """--engine vllm does not yet pass constraints to vLLM's backend: a 400 naming the field, never ignored."""
+def test_vllm_engine_refuses_compact_json_naming_the_field(core):
+    """--engine vllm passes constraints to vLLM, which reads disable_any_whitespace per engine only: a 400."""
     from policymix.engine.vllm.engine import VllmEngine
     from policymix.errors import PolicymixError
 
-    req = _constrained(core, max_tokens=4, constraint=Constraint("regex", "a+", param="guided_regex"))
+    req = _constrained(core, max_tokens=4)  # compact JSON
     with pytest.raises(PolicymixError) as e:
         VllmEngine.plan(types.SimpleNamespace(unservable={}), req)
-    assert e.value.param == "guided_regex"
+    assert e.value.param == "structured_outputs.disable_any_whitespace"

@@ -59,17 +59,21 @@ def choice_grammar(choices: list[str]) -> str:
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
 
 
-def _bounded_strings(schema: Any) -> Any:
+def bounded_strings(schema: Any) -> Any:
     """``schema`` with each string's minLength / maxLength written as a pattern of plain characters.
 
     xgrammar 0.2.8 lets a string with a length bound hold raw control characters (U+0000-U+001F), which JSON
     forbids, so such output would not parse; a pattern of characters other than controls, ``"`` and ``\\``
     bounds the length and keeps the JSON valid (escapes are then not generated inside bounded strings)."""
+    return _bounded(json.loads(schema) if isinstance(schema, str) else schema)
+
+
+def _bounded(schema: Any) -> Any:
     if isinstance(schema, list):
-        return [_bounded_strings(x) for x in schema]
+        return [_bounded(x) for x in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: _bounded_strings(v) for k, v in schema.items()}
+    out = {k: _bounded(v) for k, v in schema.items()}
     if (out.get("type") == "string" and ("minLength" in out or "maxLength" in out)
             and not {"pattern", "format", "enum", "const"} & out.keys()):
         lo, hi = int(out.pop("minLength", 0)), out.pop("maxLength", None)
@@ -86,7 +90,7 @@ def compile_constraint(c: Constraint, tokenizer, vocab_size: int, family: int) -
         ws["separators"] = (",", ":")
     try:
         if c.kind == "json":
-            spec = json.dumps(_bounded_strings(json.loads(c.spec) if isinstance(c.spec, str) else c.spec))
+            spec = json.dumps(bounded_strings(c.spec))
             return comp.compile_json_schema(spec, strict_mode=True, **ws)
         if c.kind == "json_object":
             return comp.compile_json_schema('{"type": "object"}', strict_mode=True, **ws)
