@@ -30,21 +30,24 @@ import torch
 from ..errors import PolicymixError
 from .protocol import Constraint
 
-try:  # an optional import until the environment has it (pyproject pins it: the version vLLM 0.32 requires)
-    import xgrammar as xgr
-except ImportError:  # pragma: no cover - the pinned dependency is installed everywhere the tests run
-    xgr = None
-
 _compilers: dict[tuple[int, int, int], Any] = {}  # (id(tokenizer), vocab, family) -> GrammarCompiler
 _SOURCE = re.compile(r"^\[[0-9:]+\]\s*\S+:\d+:\s*")  # the C++ source prefix of xgrammar's messages
 _lock = threading.Lock()  # plans are made on the API thread, but tests and tools may call from several
 
 
+def _xgr():
+    """xgrammar, imported on first use (a server that never constrains does not load it)."""
+    try:
+        import xgrammar
+    except ImportError:  # pragma: no cover - pyproject pins it (the version vLLM 0.32 requires)
+        raise PolicymixError("structured outputs need the xgrammar package (pip install xgrammar==0.2.8)",
+                             param="response_format") from None
+    return xgrammar
+
+
 def _compiler(tokenizer, vocab_size: int, family: int):
     """The family's xgrammar compiler (its cache keeps every compiled grammar for reuse)."""
-    if xgr is None:
-        raise PolicymixError("structured outputs need the xgrammar package (pip install xgrammar==0.2.8)",
-                             param="response_format")
+    xgr = _xgr()
     key = (id(tokenizer), vocab_size, family)
     with _lock:
         comp = _compilers.get(key)
@@ -139,7 +142,7 @@ def stop_tokens(plan_eos: frozenset[int], stop_token_ids: list[int]) -> list[int
 def new_matcher(grammar) -> Any:
     """A fresh matcher of a request's compiled grammar (``grammar``: ``RequestPlan.grammar``)."""
     compiled, stops = grammar
-    return xgr.GrammarMatcher(compiled, override_stop_tokens=stops)
+    return _xgr().GrammarMatcher(compiled, override_stop_tokens=stops)
 
 
 def _apply(x: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
@@ -154,7 +157,7 @@ def _apply(x: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
 
 def mask_rows(mixed: torch.Tensor, rows: list[tuple[int, Any]]) -> None:
     """Apply each ``(row, matcher)``'s next-token bitmask to ``mixed`` [S, V] in place."""
-    bitmask = xgr.allocate_token_bitmask(mixed.shape[0], mixed.shape[1])
+    bitmask = _xgr().allocate_token_bitmask(mixed.shape[0], mixed.shape[1])
     for row, matcher in rows:
         matcher.fill_next_token_bitmask(bitmask, row)
     _apply(mixed, bitmask, [r for r, _ in rows])
@@ -165,7 +168,7 @@ def mask_positions(mixed: torch.Tensor, matcher, drafts: list[int]) -> None:
     after ``drafts[:j]`` (in place). The matcher advances through the drafts and rolls back: it is left as it
     was. Positions after a draft that the grammar refuses keep their scores: that draft is masked out at its
     own position, so it is rejected there and nothing after it is used."""
-    bitmask = xgr.allocate_token_bitmask(mixed.shape[0], mixed.shape[1])
+    bitmask = _xgr().allocate_token_bitmask(mixed.shape[0], mixed.shape[1])
     accepted, filled = 0, []
     for j in range(len(drafts) + 1):
         if matcher.is_terminated():
