@@ -60,10 +60,11 @@ def serve(core: EngineCore, mixture: dict, prompts: list[list[int]], concurrency
     reg = core.registry
     recipe = compile_recipe(mixture, "base", reg.infos(), {})
     pending, done = list(enumerate(prompts)), {}
+    eos = reg.policies["base"].tokenizer.eos_token_id  # (the in-memory registry records no EOS ids)
 
     def submit(i, ids):
         req = GenerationRequest(f"g{next(_ids)}", "base", recipe, Prompt(token_ids=ids),
-                                SamplingParams(max_tokens=tokens, temperature=0.0),
+                                SamplingParams(max_tokens=tokens, temperature=0.0, stop_token_ids=[eos]),
                                 constraint=Constraint("json", SCHEMA, any_whitespace=False))
         state = core.render(req)
         state.emit = lambda ev: done.__setitem__(i, ev) if isinstance(ev, RequestDone) else None
@@ -86,7 +87,7 @@ def serve(core: EngineCore, mixture: dict, prompts: list[list[int]], concurrency
     outs = [d.sequences[0].token_ids for d in done]
     # the matchers' advance, replayed on the same tokens (its cost inside a step is the same calls)
     grammar = core.render(GenerationRequest("replay", "base", recipe, Prompt(token_ids=prompts[0]),
-                                            SamplingParams(max_tokens=tokens, temperature=0.0),
+                                            SamplingParams(max_tokens=tokens, temperature=0.0, stop_token_ids=[eos]),
                                             constraint=Constraint("json", SCHEMA, any_whitespace=False))).plan.grammar
     matchers = [new_matcher(grammar) for _ in outs]
     t = time.perf_counter()
