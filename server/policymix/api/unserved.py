@@ -99,6 +99,31 @@ COMPLETION: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
+RESPONSES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "background": (_falsy, "background responses are not served (nothing is stored)"),
+    "conversation": (_null, "conversations are not stored: send the conversation as input"),
+    "include": (_empty, "include is not served"),
+    "reasoning": (lambda v: v is None or v == {} or (isinstance(v, dict) and v.get("effort") in (None, "none")
+                                                     and not v.get("summary")),
+                  "the served models do not reason: reasoning is not served"),
+    "prompt": (_null, "prompt templates are not served"),
+    "truncation": (_one_of("disabled"), "inputs are never truncated: a prompt past the context is a 400"),
+    "max_tool_calls": (_null, "max_tool_calls is not served"),
+    "top_logprobs": (_null, "logprobs are not served on /v1/responses (use /v1/chat/completions)"),
+    "metadata": (_empty, "this server stores nothing, so it keeps no metadata"),
+    "service_tier": (_one_of("auto", "default"), "there is one service tier: auto / default"),
+    "moderation": (_null, "moderation is not served"),
+    "context_management": (_null, "context_management is not served"),
+    "prompt_cache_retention": (_one_of("in_memory"), "prompt-cache retention is not configurable: in_memory"),
+    "prompt_cache_options": (_null, "prompt_cache_options is not served"),
+    "image": (_null, "image output is not served"),
+    "access_programs": (_null, "access_programs is not served"),
+    # chat's names for constraints: on /v1/responses the constraint is text.format (or tools)
+    **{name: (_null, f"{name} is not a Responses field: use text.format") for name in
+       ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar")},
+}
+
+
 def refuse_unserved(body: Any, table: dict[str, tuple[Callable[[Any], bool], str]]) -> Any:
     """Raise a 400 naming the first field of ``body`` (a raw request dict) that asks for what is not served."""
     if isinstance(body, dict):
