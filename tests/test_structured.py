@@ -380,3 +380,26 @@ def test_vllm_engine_refuses_compact_json_naming_the_field(core):
     with pytest.raises(PolicymixError) as e:
         VllmEngine.plan(types.SimpleNamespace(unservable={}), req)
     assert e.value.param == "structured_outputs.disable_any_whitespace"
+
+
+@pytest.mark.parametrize("method", ["json_schema", "function_calling"])
+def test_langchain_with_structured_output(server, method):
+    """LangChain's ChatOpenAI.with_structured_output against the server, under a mixture with a negative weight."""
+    langchain_openai = pytest.importorskip("langchain_openai")
+
+    class Order(BaseModel):
+        """An order."""
+
+        item: str = Field(pattern=r"^[a-z]{1,6}$")
+        qty: int = Field(ge=1, le=9)
+
+    llm = langchain_openai.ChatOpenAI(base_url=f"{server.url}/v1", api_key="x", model="base", temperature=0,
+                                      max_tokens=200, max_retries=0, extra_body={**COMPACT, "mixture": RECIPES[1]})
+    out = llm.with_structured_output(Order, method=method, include_raw=True).invoke("Hello")
+    assert out["parsing_error"] is None and isinstance(out["parsed"], Order)
+    raw = out["raw"]
+    if method == "function_calling":
+        (call,) = raw.tool_calls
+        assert raw.response_metadata["finish_reason"] == "tool_calls" and call["name"] == "Order"
+    else:
+        jsonschema.validate(json.loads(raw.content), Order.model_json_schema())
