@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from . import unserved
 
@@ -409,7 +409,14 @@ class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
-    tool_calls: list[ToolCall] | None = None
+    tool_calls: list[ToolCall] | None = None  # only in the body when there are calls (as OpenAI's)
+
+    @model_serializer(mode="wrap")
+    def _without_empty_tool_calls(self, handler):
+        out = handler(self)
+        if out.get("tool_calls", ()) is None:
+            del out["tool_calls"]
+        return out
 
 
 class ChatChoice(BaseModel):
