@@ -23,7 +23,6 @@ import statistics
 import sys
 import time
 
-import torch
 
 from benchmarks.anchors.common import torch_threads
 from benchmarks.engine_bench import registry_from_models
@@ -130,17 +129,19 @@ def main(argv: list[str] | None = None) -> int:
                          "tok_s": statistics.median(r["tokens"] / r["s"] for r in per),
                          "stop": statistics.median(r["finished_stop"] for r in per)})
             data[label] = per
-    cmd = "OMP_NUM_THREADS=1 python -m benchmarks.structured " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    args_text = " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    cmd = "OMP_NUM_THREADS=1 python -m benchmarks.structured " + args_text
     meta = {**machine_info(), "threads": args.threads, "concurrency": args.concurrency, "requests": args.requests,
             "command": cmd}
     table = markdown_table(rows, [("recipe", "recipe"), ("step_ms", "decode step (ms)"),
-                                  ("mask_ms", "mask fill + apply (ms/step)"), ("advance_ms", "matcher advance (ms/step)"),
+                                  ("mask_ms", "mask fill + apply (ms/step)"),
+                                  ("advance_ms", "matcher advance (ms/step)"),
                                   ("fraction", "grammar / unconstrained step"), ("tok_s", "tok/s"),
                                   ("stop", "requests ending on the grammar's stop")])
     notes = ("Greedy, compact JSON (`structured_outputs.disable_any_whitespace`), the schema in "
              "`benchmarks/structured.py`. The mask is xgrammar's bitmask filled per constrained row and applied to "
-             "the mixed scores [16, 32000] (whole forbidden 32-token words by one broadcast add, mixed words bit by bit); the advance is one `accept_token` per "
-             "generated token.")
+             "the mixed scores [16, 32000] (whole forbidden 32-token words by one broadcast add, mixed words bit "
+             "by bit); the advance is one `accept_token` per generated token.")
     md, js = write_report(args.out, "Structured outputs: the grammar's cost per decode step (CPU)", meta, table,
                           {"rows": rows, "runs": data}, notes)
     print(md.read_text())

@@ -119,7 +119,8 @@ def test_vllm_fields_and_completions(server):
     schema = {"type": "object", "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 9}},
               "required": ["x"]}
     r = httpx.post(f"{url}/chat/completions", json={"model": "base", "messages": CHAT, "max_tokens": 60,
-                                                     "temperature": 0, "guided_json": schema, **COMPACT}, timeout=60).json()
+                                                     "temperature": 0, "guided_json": schema, **COMPACT},
+                   timeout=60).json()
     jsonschema.validate(json.loads(r["choices"][0]["message"]["content"]), schema)
     r = httpx.post(f"{url}/chat/completions", json={"model": "base", "messages": CHAT, "max_tokens": 300,
                                                      "temperature": 0, **COMPACT,
@@ -194,7 +195,8 @@ def random_schema(rng: random.Random, depth: int = 0) -> dict:
             s = {"type": "array", "items": random_schema(rng, depth + 1) if rng.random() < 0.3 else
                  {"type": "integer", "minimum": 0, "maximum": 9}, "maxItems": rng.randint(1, 3)}
         props[f"p{i}"] = s
-    return {"type": "object", "properties": props, "required": sorted(rng.sample(list(props), rng.randint(0, len(props))))}
+    required = sorted(rng.sample(list(props), rng.randint(0, len(props))))
+    return {"type": "object", "properties": props, "required": required}
 
 
 def _random_request(rng: random.Random) -> tuple[dict, dict]:
@@ -251,7 +253,8 @@ def test_random_schemas_all_validate(server):
 # ------------------------------------------------------------------------------------- the engine itself
 
 SCHEMA = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
-                                           "b": {"type": "string", "pattern": "^[a-z]{0,6}$"}, "c": {"enum": ["x", "y"]}},
+                                           "b": {"type": "string", "pattern": "^[a-z]{0,6}$"},
+                                           "c": {"enum": ["x", "y"]}},
           "required": ["a", "b", "c"]}
 
 

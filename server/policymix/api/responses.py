@@ -23,7 +23,7 @@ from ..engine.protocol import Prompt
 from ..errors import PolicymixError
 from . import shapes, unserved
 from .errors import ApiError, _validation_error
-from .protocol import ChatCompletionRequest, MAX_N, _Part, _Request  # noqa: F401
+from .protocol import ChatCompletionRequest, _Part, _Request
 
 if TYPE_CHECKING:
     from .auth import ApiKey

@@ -409,7 +409,8 @@ class _Chat:
                 message = AssistantMessage(content=None, tool_calls=calls)
                 finish = "tool_calls" if finish == "stop" else finish
             choices.append(ChatChoice(
-                index=idx, message=message, logprobs=chat_logprobs(acc.events[idx], texts, k) if k is not None else None,
+                index=idx, message=message,
+                logprobs=chat_logprobs(acc.events[idx], texts, k) if k is not None else None,
                 finish_reason=finish, stop_reason=s.stop_reason, policymix=per[idx] if many else None))
         prompt_lp = None
         if job.prompt_logprobs is not None and 0 in acc.prompts:
