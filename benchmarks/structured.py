@@ -23,7 +23,6 @@ import statistics
 import sys
 import time
 
-
 from benchmarks.anchors.common import torch_threads
 from benchmarks.engine_bench import registry_from_models
 from benchmarks.models import PROMPTS, build_bench_models, load_policies, load_tokenizer
