@@ -406,3 +406,16 @@ def test_langchain_with_structured_output(server, method):
         assert raw.response_metadata["finish_reason"] == "tool_calls" and call["name"] == "Order"
     else:
         jsonschema.validate(json.loads(raw.content), Order.model_json_schema())
+
+
+def test_benchmark_measures_the_mask(core, tiny_registry):
+    """benchmarks/structured.py's loop on the tiny models: every request ends on the grammar's stop, and the
+    mask and the matchers' advance are timed."""
+    from benchmarks.structured import SCHEMA as BENCH_SCHEMA, serve
+
+    tok = tiny_registry.policies["base"].tokenizer
+    prompts = [tok("Hello world").input_ids, tok("The quick brown fox").input_ids] * 2
+    got = serve(core, {"weights": {"base": 1.0}}, prompts, concurrency=2, tokens=200)
+    assert got["finished_stop"] == 1.0 and got["steps"] > 0
+    assert got["mask_s"] > 0 and got["advance_s"] > 0 and got["tokens"] > len(prompts)
+    assert BENCH_SCHEMA["required"]
