@@ -11,10 +11,11 @@ import re
 import time
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from ..errors import PolicymixError
 from ..messages import ChatMessage, TextPart  # noqa: F401 - re-exported: the request types of chat
+from . import unserved
 
 MAX_LOGPROBS = 20
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -127,6 +128,58 @@ class SpeculativeRequest(_Part):
     num_tokens: int = Field(default=4, ge=1, le=16)
 
 
+class JsonSchemaFormat(_Part):
+    """``response_format.json_schema``: the output is JSON valid against ``schema`` (``strict`` either way:
+    xgrammar's strict mode, as vLLM: no property or item that the schema does not declare)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Part):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Part):
+    """vLLM's ``structured_outputs``: one constraint (json, regex, choice, grammar or json_object) and options."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = Field(default=None, min_length=1)
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False  # JSON without whitespace between tokens
+    disable_additional_properties: bool = False  # what xgrammar's strict mode always does
+    whitespace_pattern: str | None = None  # outlines' option: refused when set
+    structural_tag: str | None = None  # refused when set
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class FunctionDef(_Part):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # JSON schema of the arguments (none: an object)
+    strict: bool | None = None
+
+
+class Tool(_Part):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class ToolChoiceFunction(_Part):
+    name: str
+
+
+class NamedToolChoice(_Part):
+    type: Literal["function"]
+    function: ToolChoiceFunction
+
+
 class _Common(_Request):
     """Fields shared by /v1/completions and /v1/chat/completions (OpenAI + vLLM names + mixing)."""
 
@@ -159,6 +212,13 @@ class _Common(_Request):
     search: SearchRequest | None = None
     speculative: SpeculativeRequest | None = None  # unset: the server's default; null: off
     return_token_signals: bool | None = False
+    # structured outputs (api/structured.py): one constraint per request
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None  # vLLM's older names
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(default=None, min_length=1)
+    guided_grammar: str | None = None
 
     @field_validator("stop")
     @classmethod
@@ -186,6 +246,11 @@ def _check_prompt(v: Any) -> Any:
 
 class CompletionRequest(_Common):
     prompt: Union[str, list[str], list[int], list[list[int]]]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unserved(cls, body: Any) -> Any:  # OpenAI / vLLM fields this server does not serve: 400s naming them
+        return unserved.refuse_unserved(body, unserved.COMPLETION)
     max_tokens: int | None = Field(default=16, ge=0)  # 0: score the prompt only (echo with logprobs)
     echo: bool | None = False
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
@@ -210,6 +275,14 @@ class ChatCompletionRequest(_Common):
     logprobs: bool | None = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool | None = True
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unserved(cls, body: Any) -> Any:  # OpenAI / vLLM fields this server does not serve: 400s naming them
+        return unserved.refuse_unserved(body, unserved.CHAT)
 
 
 class TokenizeRequest(_Request):
@@ -329,10 +402,38 @@ class ChatLogprobs(BaseModel):
     refusal: list[TokenLogprob] | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str = ""  # JSON text (streamed in pieces)
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ToolCallDelta(BaseModel):
+    """One piece of a streamed tool call (serialised with ``exclude_unset``): the first has id, type and name."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[ToolCall] | None = None  # only in the body when there are calls (as OpenAI's)
+
+    @model_serializer(mode="wrap")
+    def _without_empty_tool_calls(self, handler):
+        out = handler(self)
+        if out.get("tool_calls", ()) is None:
+            del out["tool_calls"]
+        return out
 
 
 class ChatChoice(BaseModel):
@@ -359,6 +460,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatStreamChoice(BaseModel):

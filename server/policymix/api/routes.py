@@ -23,6 +23,7 @@ from .protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from .responses import ResponsesRequest, respond
 from .serving import Serving
 
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 429, 500, 503)}
@@ -40,6 +41,10 @@ def build_routers(serving: Serving, keys: KeyRing, config: Config) -> list[APIRo
     @v1.post("/chat/completions", response_model=ChatCompletionResponse, responses={200: {"content": _SSE}})
     async def chat(body: ChatCompletionRequest, request: Request, k: ApiKey | None = Depends(key)) -> Response:
         return await serving.chat(body, k, request)
+
+    @v1.post("/responses", responses={200: {"content": _SSE}})
+    async def responses_create(body: ResponsesRequest, request: Request, k: ApiKey | None = Depends(key)) -> Response:
+        return await respond(serving, body, k, request)
 
     @v1.get("/models", response_model=ModelList)
     async def models(k: ApiKey | None = Depends(key)) -> ModelList:

@@ -62,6 +62,7 @@ from .protocol import (
     _Common,
 )
 from .streams import ClientGone, merged, unless_disconnected
+from .structured import ToolCalls, constraint_of
 from .tokens import TokenTextCache
 
 
@@ -83,6 +84,7 @@ class Job:
     echo_logprobs: bool = False  # completions with echo and logprobs: the prompt tokens' logprobs come first
     prompt_logprobs: int | None = None  # vLLM's prompt_logprobs: top k per prompt position, in vLLM's shape
     key: ApiKey | None = None
+    tool_calls: ToolCalls | None = None  # chat tools: the constrained output is returned as tool_calls
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -218,6 +220,7 @@ class Serving:
         if default is not None and key is not None and not key.allows(default.draft) and default.draft != "ngram":
             default = None  # the server's choice of draft never refuses a key: its requests run undrafted
         speculative = _speculative(body, default, search, rerank)
+        constraint, tool_calls = constraint_of(body)
         srv = self.config.server
         room = srv.max_queue + max(1, srv.max_num_seqs // sampling.candidates)  # prompts that can ever be in
         if len(prompts) > room:
@@ -234,7 +237,7 @@ class Serving:
                 sampling=sampling if i == 0 else _copy(sampling), rerank=rerank, search=search,
                 return_token_signals=bool(body.return_token_signals),
                 return_policy_logprobs=bool(body.return_token_signals),
-                speculative=speculative, arrival_time=now, deadline=now + timeout,
+                speculative=speculative, constraint=constraint, arrival_time=now, deadline=now + timeout,
                 max_tokens_cap=key.spec.max_tokens if key is not None else None,
             )
             plan = self.engine.plan(req)  # bad input, a prompt past the context: raised here, naming the field
@@ -245,7 +248,7 @@ class Serving:
         include_usage = bool(stream and body.stream_options and body.stream_options.include_usage)
         keep = logprobs is not None or bool(body.return_token_signals)
         return Job(shape, response_id, body.model, recipe, plans, sampling.n, stream, include_usage, keep,
-                   tokenizer, key=key, prompt_logprobs=body.prompt_logprobs)
+                   tokenizer, key=key, prompt_logprobs=body.prompt_logprobs, tool_calls=tool_calls)
 
     def _sampling(self, body: _Common, max_tokens: int | None, logprobs: int | None, vocab: int) -> SamplingParams:
         # best_of against n, temperature and the server's maximum is checked by the engine

@@ -30,6 +30,7 @@ from .protocol import (
     PromptTokenLogprob,
     TokenLogprob,
     TokenSignal,
+    ToolCallDelta,
     TopLogprob,
     Usage,
 )
@@ -239,7 +240,7 @@ class StreamWriter:
             idx = self.acc.choice(i, s.index)
             ext = per.get(idx) if self.total > 1 else None
             top = extension(self.job, self.acc, per) if self.left == 0 and n == len(seqs) - 1 else None
-            yield self.final(idx, s, ext, top)
+            yield from self.final(idx, s, ext, top)
 
     def finish(self) -> Iterator[Any]:
         if self.job.include_usage:
@@ -254,7 +255,8 @@ class StreamWriter:
     def token(self, idx: int, ev: TokenEvent) -> Iterator[Any]:
         raise NotImplementedError
 
-    def final(self, idx: int, seq: Any, ext: ChoiceExtension | None, top: PolicymixExtension | None) -> Any:
+    def final(self, idx: int, seq: Any, ext: ChoiceExtension | None, top: PolicymixExtension | None
+              ) -> Iterator[Any]:
         raise NotImplementedError
 
 
@@ -297,23 +299,32 @@ class _CompletionStream(StreamWriter):
         if ev.text or lp is not None:
             yield self.chunk([CompletionChoice(index=idx, text=ev.text, logprobs=lp, finish_reason=None)])
 
-    def final(self, idx, seq, ext, top) -> CompletionChunk:
+    def final(self, idx, seq, ext, top) -> Iterator[CompletionChunk]:
         choice = CompletionChoice(index=idx, text="", logprobs=None, finish_reason=seq.finish_reason,
                                   stop_reason=seq.stop_reason)
         if ext is not None:
             choice.policymix = ext
-        return self.chunk([choice], **({"policymix": top} if top is not None else {}))
+        yield self.chunk([choice], **({"policymix": top} if top is not None else {}))
 
 
 class _ChatStream(StreamWriter):
+    """Text as content deltas; with tools, as OpenAI streams calls: a named function's arguments as
+    ``tool_calls`` deltas (the first with the call's id and name), ``required``'s calls once the choice ends
+    (its array must be complete to split it into calls)."""
+
+    def __init__(self, job: "Job", acc: Accumulator, texts: TokenTexts):
+        super().__init__(job, acc, texts)
+        self.tool_text: dict[int, str] = defaultdict(str)  # choice -> its text so far (tools only)
+
     def chunk(self, choices: list, **fields: Any) -> ChatCompletionChunk:
         fields = {**self.extra, **fields}
         return ChatCompletionChunk(id=self.job.response_id, object="chat.completion.chunk",
                                    created=self.job.created, model=self.job.model, choices=choices, **fields)
 
     def start(self) -> Iterator[Any]:
+        content = None if self.job.tool_calls is not None else ""  # (OpenAI: null content when tools call)
         for idx in range(self.total):  # the first delta of every choice carries the role
-            yield self.chunk([ChatStreamChoice(index=idx, delta=DeltaMessage(role="assistant", content=""),
+            yield self.chunk([ChatStreamChoice(index=idx, delta=DeltaMessage(role="assistant", content=content),
                                                logprobs=None, finish_reason=None)])
 
     def prompt(self, i: int, ev: PromptEvent) -> Iterator[Any]:
@@ -322,15 +333,38 @@ class _ChatStream(StreamWriter):
 
     def token(self, idx: int, ev: TokenEvent) -> Iterator[Any]:
         lp = chat_logprobs([ev], self.texts, self.k) if self.k is not None else None
+        tools = self.job.tool_calls
+        if tools is not None:
+            first = idx not in self.tool_text
+            self.tool_text[idx] += ev.text
+            if tools.name is not None and (ev.text or first):
+                yield self.chunk([ChatStreamChoice(index=idx, delta=DeltaMessage(
+                    tool_calls=tools.deltas(idx, ev.text, first)), logprobs=lp, finish_reason=None)])
+            elif lp is not None:
+                yield self.chunk([ChatStreamChoice(index=idx, delta=DeltaMessage(), logprobs=lp, finish_reason=None)])
+            return
         if ev.text or lp is not None:
             yield self.chunk([ChatStreamChoice(index=idx, delta=DeltaMessage(content=ev.text), logprobs=lp,
                                                finish_reason=None)])
 
-    def final(self, idx, seq, ext, top) -> ChatCompletionChunk:
-        choice = ChatStreamChoice(index=idx, delta=DeltaMessage(), logprobs=None, finish_reason=seq.finish_reason)
+    def final(self, idx, seq, ext, top) -> Iterator[ChatCompletionChunk]:
+        finish, tools = seq.finish_reason, self.job.tool_calls
+        if tools is not None:
+            text = self.tool_text[idx]
+            calls = tools.calls(idx, text)
+            if tools.name is None and calls is not None:  # required: every call in one delta, then the end
+                yield self.chunk([ChatStreamChoice(index=idx, delta=DeltaMessage(tool_calls=[
+                    ToolCallDelta(index=k, id=c.id, type="function", function=c.function)
+                    for k, c in enumerate(calls)]), logprobs=None, finish_reason=None)])
+            elif calls is None and text:  # cut before the array closed: its text, as content
+                yield self.chunk([ChatStreamChoice(index=idx, delta=DeltaMessage(content=text), logprobs=None,
+                                                   finish_reason=None)])
+            if calls is not None and finish == "stop":
+                finish = "tool_calls"
+        choice = ChatStreamChoice(index=idx, delta=DeltaMessage(), logprobs=None, finish_reason=finish)
         if ext is not None:
             choice.policymix = ext
-        return self.chunk([choice], **({"policymix": top} if top is not None else {}))
+        yield self.chunk([choice], **({"policymix": top} if top is not None else {}))
 
 
 def _choices(acc: Accumulator):
@@ -367,13 +401,17 @@ class _Chat:
         k = _logprobs_k(job)
         per = choice_extensions(job, acc, texts)
         many = acc.choice_count() > 1
-        choices = [
-            ChatChoice(
-                index=idx, message=AssistantMessage(content=s.text),
+        choices = []
+        for _, idx, s in _choices(acc):
+            message, finish = AssistantMessage(content=s.text), s.finish_reason
+            calls = job.tool_calls.calls(idx, s.text) if job.tool_calls is not None else None
+            if calls is not None:  # tools: the constrained text is the call (OpenAI: content null)
+                message = AssistantMessage(content=None, tool_calls=calls)
+                finish = "tool_calls" if finish == "stop" else finish
+            choices.append(ChatChoice(
+                index=idx, message=message,
                 logprobs=chat_logprobs(acc.events[idx], texts, k) if k is not None else None,
-                finish_reason=s.finish_reason, stop_reason=s.stop_reason, policymix=per[idx] if many else None)
-            for _, idx, s in _choices(acc)
-        ]
+                finish_reason=finish, stop_reason=s.stop_reason, policymix=per[idx] if many else None))
         prompt_lp = None
         if job.prompt_logprobs is not None and 0 in acc.prompts:
             prompt_lp = vllm_prompt_logprobs(acc.prompts[0], texts, job.prompt_logprobs)

@@ -28,6 +28,7 @@ from .sampler import RowSampling, apply_penalties, filtered_logits, sample_rows
 from .scheduler import Scheduler, failure_of
 from .sequence import Lane, RequestState, Sequence, Status
 from .speculative import DEFAULT_MAX_CONCURRENCY, Draft, Speculator, accept, drafter_key
+from .structured import mask_positions, mask_rows
 
 log = logging.getLogger("policymix.engine")
 
@@ -330,6 +331,13 @@ class EngineCore:
                     seqs.append(sib)
         if len(sources) > mixed.shape[0]:
             mixed = mixed.index_select(0, torch.tensor(sources, device=mixed.device))
+        constrained = [(s.row, s.matcher) for s in seqs if s.matcher is not None]
+        if constrained:  # structured outputs: the grammar's mask on the mixed scores (a copy, never a policy's logits)
+            g = time.perf_counter()
+            if any(mixed is pl.logits for pl in logits.values()):
+                mixed = mixed.clone()
+            mask_rows(mixed, constrained)
+            self.timers["grammar"] += time.perf_counter() - g
         bad = (~torch.isfinite(mixed.amax(dim=-1))).tolist()  # a NaN or +inf, or a row all -inf; one host sync
         self.timers["mix"] += time.perf_counter() - t
 
@@ -387,6 +395,8 @@ class EngineCore:
                     if w != 0.0:
                         x = logits[plan.runner(stream)].positions[seq.lanes[stream]]
                         mixed = x * w if mixed is None else mixed.add_(x, alpha=w)
+                if seq.matcher is not None:  # each verified position masked as the grammar stands after the drafts
+                    mask_positions(mixed, seq.matcher, draft.tokens)
                 if not torch.isfinite(mixed.amax(dim=-1)).all():
                     self.scheduler.fail(state, ErrorKind.INTERNAL, "the mixed distribution is not finite (NaN or "
                                         "infinite log-probabilities)", "nan")

@@ -22,6 +22,7 @@ from ..rerank import reward_model_scores
 from .protocol import ErrorKind, TokenEvent
 from .scheduler import Scheduler, failure_of
 from .sequence import RequestState, Sequence, Status, finish_request, rerank_scores
+from .structured import advance
 
 log = logging.getLogger("policymix.engine")
 
@@ -63,6 +64,8 @@ class OutputProcessor:
                                 top_logprobs=out.top_logprobs)
                 if out.policy_logprobs is not None:
                     seq.observe(ev, state.req, out.policy_logprobs, state.plan.signal_pair, out.kl)
+                if seq.matcher is not None and not advance(seq.matcher, out.token):
+                    raise RuntimeError(f"the grammar refused token {out.token}, which its mask allowed")
                 seq.add_token(out.token, ev, state.sampling, state.plan.eos_ids, state.emit)
                 self.scheduler.update(seq, out.token, out.fed)
                 if seq.finished and self.scheduler.done(state):

@@ -16,6 +16,7 @@ from ..mixing.recipes import Variant
 from ..registry import Registry
 from .protocol import SAMPLING_EPS, GenerationRequest, ImplicitRewardSpec, Prompt, RequestPlan
 from .speculative import DRAFT_STREAM, drafter_key
+from .structured import plan_grammar
 
 
 def make_plan(registry: Registry, req: GenerationRequest) -> RequestPlan:
@@ -65,6 +66,7 @@ def make_plan(registry: Registry, req: GenerationRequest) -> RequestPlan:
     draft_prompt = _draft_prompt(registry, req, prompt)
     _check_token_ids(registry, [*{req.recipe.policy_of(n) for n in weights},
                                 *([req.speculative.draft] if draft_prompt is not None else [])], sp)
+    grammar = plan_grammar(registry, req, eos) if req.constraint is not None else None
     return RequestPlan(
         request=req, sampling=replace(sp, max_tokens=max_tokens, stop=list(sp.stop),
                                       stop_token_ids=list(sp.stop_token_ids), logit_bias=dict(sp.logit_bias)),
@@ -74,7 +76,7 @@ def make_plan(registry: Registry, req: GenerationRequest) -> RequestPlan:
                    **({DRAFT_STREAM: drafter_key(registry.runner_key(req.speculative.draft))}
                       if draft_prompt is not None else {})},
         speculative=req.speculative,
-        draft_prompt=draft_prompt)
+        draft_prompt=draft_prompt, grammar=grammar)
 
 
 def _check_token_ids(registry: Registry, policies: list[str], sp) -> None:

@@ -93,6 +93,16 @@ class SpeculativeSpec:
 
 
 @dataclass
+class Constraint:
+    """What the output must match (structured outputs), compiled with xgrammar (``engine/structured.py``)."""
+
+    kind: Literal["json", "json_object", "regex", "choice", "grammar"]
+    spec: Any = None  # json: a schema (dict or JSON text); regex, grammar (EBNF): text; choice: list[str]
+    any_whitespace: bool = True  # JSON: any whitespace between tokens (vLLM's default); False: compact
+    param: str = "structured_outputs"  # the request field it came from (a 400 about it names this)
+
+
+@dataclass
 class GenerationRequest:
     request_id: str
     model: str  # the served name the client asked for (echoed, metrics label)
@@ -108,6 +118,7 @@ class GenerationRequest:
     max_tokens_cap: int | None = None  # caps an unset max_tokens (an API key's limit)
     search: SearchSpec | None = None  # chunk-level beam search (sampling.best_of = beam_width * expand)
     speculative: SpeculativeSpec | None = None  # drafted tokens verified against the mixture
+    constraint: Constraint | None = None  # structured outputs: every token is one the grammar allows
 
     @property
     def needs_logprob(self) -> bool:
@@ -242,6 +253,7 @@ class RequestPlan:
     runner_of: dict[str, str] = field(default_factory=dict)
     speculative: SpeculativeSpec | None = None  # what drafts for the request (None: no speculation)
     draft_prompt: list[int] | None = None  # a draft policy's rendering of the prompt
+    grammar: Any = None  # with a constraint: (xgrammar CompiledGrammar, its stop token ids), compiled once
 
     def policy_of(self, stream: str) -> str:
         """The served policy behind a stream (a prompt variant's policy, the draft stream's draft policy, else

@@ -22,6 +22,7 @@ from .detokenizer import IncrementalDetokenizer
 from .protocol import ErrorKind
 from .runner import PolicyRunner
 from .sequence import Lane, RequestState, Sequence, Status
+from .structured import new_matcher
 
 log = logging.getLogger("policymix.engine")
 
@@ -150,6 +151,8 @@ class Scheduler:
                                        sp.include_stop_str_in_output, sp.skip_special_tokens)
         seq = Sequence(index, detok, seq_id=next(self._seq_ids), request=state,
                        generator=torch.Generator().manual_seed(seed))
+        if state.plan.grammar is not None:  # each candidate its own matcher (a branch forks its parent's)
+            seq.matcher = new_matcher(state.plan.grammar)
         state.sequences.append(seq)
         state.live += 1
         return seq
@@ -179,6 +182,8 @@ class Scheduler:
         child.cum_logprob, child.kl_sum, child.reward_sum = seq.cum_logprob, seq.kl_sum, seq.reward_sum
         child.policy_logprob_sums = dict(seq.policy_logprob_sums)
         child.events = list(seq.events)
+        if seq.matcher is not None:
+            child.matcher = seq.matcher.fork()
         for stream, src in seq.lanes.items():
             lane = child.lanes[stream] = Lane(child, stream, list(src.feed))
             self.runners[state.plan.runner(stream)].fork(src, lane)

@@ -142,6 +142,7 @@ class Sequence(SequenceOutput):
     score_left: int = 0  # scored tokens whose predictors are still unfed (the same at every policy's end)
     chunk_end: int = 0  # tokens this step leaves unfed at the end of every policy's context
     rejected: int = 0  # speculative rounds that ended on a rejected draft (with ``accepted``: its acceptance rate)
+    matcher: Any = None  # structured outputs: its own grammar matcher (engine/structured.py), advanced per token
 
 
 @dataclass(eq=False)

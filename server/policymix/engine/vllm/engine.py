@@ -11,6 +11,7 @@ weights over the family's policies in ``SamplingParams.extra_args``.
 from __future__ import annotations
 
 import asyncio
+import json
 from contextlib import aclosing
 import logging
 import os
@@ -28,6 +29,7 @@ from ..protocol import (EngineError, EngineEvent, ErrorKind, GenerationRequest, 
                         RequestPlan, TokenEvent)
 from ..requests import RegistryEngineClient, event_stream
 from ..sequence import SequenceOutput
+from ..structured import bounded_strings
 from .catalog import load_catalog
 from .checkpoint import Member, read_config, attr_name, build_checkpoint
 from .channel import CHANNEL_KEY, Receiver, new_address
@@ -154,7 +156,9 @@ class VllmEngine(RegistryEngineClient):
         if s.gpu_memory_utilization is not None:
             kw["gpu_memory_utilization"] = s.gpu_memory_utilization
         return AsyncEngineArgs(
-            model=str(fam.folder), tokenizer=str(fam.folder), skip_tokenizer_init=True, dtype=dtype,
+            # the tokenizer is loaded for vLLM's structured-output backend only (requests are token ids, never
+            # detokenized there)
+            model=str(fam.folder), tokenizer=str(fam.folder), skip_tokenizer_init=False, dtype=dtype,
             max_model_len=max_len, max_num_seqs=srv.max_num_seqs, enforce_eager=s.enforce_eager,
             tensor_parallel_size=s.tensor_parallel_size, pipeline_parallel_size=s.pipeline_parallel_size,
             distributed_executor_backend=s.distributed_executor_backend, logits_processors=[WeightTable],
@@ -203,6 +207,11 @@ class VllmEngine(RegistryEngineClient):
         for name in request.recipe.active:
             if name in self.unservable:
                 raise PolicymixError(self.unservable[name], param="mixture" if request.recipe.form != "single" else "model")
+        c = request.constraint
+        if c is not None and not c.any_whitespace:  # vLLM's xgrammar backend reads it from the engine's config only
+            raise PolicymixError("structured_outputs.disable_any_whitespace is not available per request on --engine "
+                                 "vllm (vLLM reads it from the engine's config); use --engine native",
+                                 param="structured_outputs.disable_any_whitespace")
         if request.search is not None:
             raise PolicymixError("search is not available on --engine vllm (a beam branches mid-sequence); use "
                                  "--engine native", param="search")
@@ -396,7 +405,8 @@ class VllmEngine(RegistryEngineClient):
             min_tokens=sp.min_tokens, logprobs=sp.logprobs or 0,  # the chosen token's logprob always
             presence_penalty=sp.presence_penalty, frequency_penalty=sp.frequency_penalty,
             repetition_penalty=sp.repetition_penalty, logit_bias=dict(sp.logit_bias) or None,
-            detokenize=False, output_kind=RequestOutputKind.DELTA, extra_args=extra)
+            detokenize=False, output_kind=RequestOutputKind.DELTA, extra_args=extra,
+            structured_outputs=vllm_constraint(job.req.constraint))
 
     @staticmethod
     def _seq_key(job: Job, seq: SequenceOutput) -> str:
@@ -446,6 +456,21 @@ class VllmEngine(RegistryEngineClient):
             await stream.aclose()  # a sequence that we end (stop string) is aborted in vLLM at once
             if watch:
                 self._receiver.close(key)
+
+
+def vllm_constraint(c):
+    """A request's constraint as vLLM's ``StructuredOutputsParams`` (vLLM's xgrammar backend compiles it against
+    the composite's mixed logits, which have the vocabulary's width): the same language as the native engine's
+    grammar (its schema rewritten alike), so both mask the same tokens."""
+    if c is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if c.kind == "json":
+        return StructuredOutputsParams(json=json.dumps(bounded_strings(c.spec)))
+    if c.kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    return StructuredOutputsParams(**{c.kind: c.spec})
 
 
 def _prompt_event(prompt: list[int], logprobs: list, k: int) -> PromptEvent:
