@@ -336,7 +336,15 @@ class EngineCore:
             g = time.perf_counter()
             if any(mixed is pl.logits for pl in logits.values()):
                 mixed = mixed.clone()
-            mask_rows(mixed, constrained)
+            try:
+                mask_rows(mixed, constrained)
+            except Exception:  # noqa: BLE001 - a matcher that fails ends its request alone
+                log.exception("a grammar mask failed; masking the rows one by one")
+                for seq in [s for s in seqs if s.matcher is not None]:
+                    try:
+                        mask_rows(mixed, [(seq.row, seq.matcher)])
+                    except Exception as err:  # noqa: BLE001
+                        self.scheduler.fail(seq.request, *failure_of(err, "applying the output's grammar"))
             self.timers["grammar"] += time.perf_counter() - g
         bad = (~torch.isfinite(mixed.amax(dim=-1))).tolist()  # a NaN or +inf, or a row all -inf; one host sync
         self.timers["mix"] += time.perf_counter() - t
