@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install install-serve install-lab install-vllm install-browser install-replicas serve test test-fast demo demo-policies clean
+.PHONY: install install-serve install-lab install-vllm install-browser install-replicas serve test test-fast fuzz demo demo-policies clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -54,6 +54,14 @@ test: install-vllm install-lab install-browser install-replicas
 
 test-fast:
 	$(BIN)/python -m pytest -x -q
+
+# The contract-wide fuzzer (tests/test_fuzz_contract.py; CI runs 40 examples per operation) at
+# FUZZ_PER_OPERATION examples per operation, beside a seeded canary stream; the figure (examples,
+# answers, 5xx, every distinct failure with its smallest body) goes to benchmarks/results/fuzz.md/json.
+FUZZ_PER_OPERATION ?= 300
+fuzz:
+	OMP_NUM_THREADS=1 FUZZ_CONTRACT_EXAMPLES=$(FUZZ_PER_OPERATION) FUZZ_REPORT=benchmarks/results/fuzz \
+		$(BIN)/python -m pytest tests/test_fuzz_contract.py -q -s -p no:cacheprovider --show-capture=no
 
 demo: install
 	$(BIN)/policymix demo

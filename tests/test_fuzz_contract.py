@@ -32,7 +32,7 @@ from collections import Counter
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 
 import strategies as S
 from api_helpers import LiveServer
@@ -107,16 +107,16 @@ def guard_problem(body: dict, ext: dict | None) -> str | None:
     for p, floor in PROTECTED.items():
         names = [n for n in weights if policy_of.get(n, n) == p]
         if names and sum(weights[n] for n in names) < floor - 1e-9:
-            return f"protected {p!r} below its floor: {weights}"
+            return f"guard (floor): {p!r} below its floor in {weights}"
     for name, v in variants.items():
         if (v or {}).get("policy") == S.PROTECTED_PROMPTED and v.get("source") == "system_prompt" \
                 and weights.get(name, 0) > 0:
-            return f"prompted protected policy under another system prompt: variant {name!r} at {weights[name]}"
+            return f"guard (system prompt replaced): variant {name!r} of the prompted protected policy at {weights[name]}"
     mixture = body.get("mixture")
     ca = mixture.get("context_aware") if isinstance(mixture, dict) else None
     if isinstance(ca, dict) and ca.get("policy") == S.PROTECTED_PROMPTED and isinstance(ca.get("alpha"), (int, float)) \
             and ca["alpha"] < 0:
-        return f"negative context-aware decoding of the prompted protected policy: {ca}"
+        return f"guard (negative context-aware): {ca}"
     scorers = []
     if isinstance(body.get("best_of"), int) and body["best_of"] > 1:
         scorers.append(body.get("rerank"))
@@ -125,7 +125,7 @@ def guard_problem(body: dict, ext: dict | None) -> str | None:
     for scorer in scorers:
         implicit = scorer.get("implicit") if isinstance(scorer, dict) else None
         if isinstance(implicit, dict) and implicit.get("reference") in PROTECTED:
-            return f"implicit-reward scorer with the protected reference {implicit['reference']!r}"
+            return f"guard (implicit scorer, protected reference): {implicit}"
     return None
 
 
@@ -146,8 +146,10 @@ def check(body: dict, status: int, raw: bytes, stream: bool) -> tuple[str | None
             err = json.loads(text).get("error")
         except (ValueError, AttributeError):
             return "error body is not a JSON object", text[:200]
-        return envelope_problem(err), f"{status} {err.get('code') if isinstance(err, dict) else ''}: " \
-                                      f"{err.get('message', '')[:160] if isinstance(err, dict) else ''}"
+        if not isinstance(err, dict):
+            return envelope_problem(err), f"{status}: {text[:160]}"
+        code = f" {err['code']}" if err.get("code") else ""
+        return envelope_problem(err), f"{status}{code}: {str(err.get('message'))[:160]}"
     if stream and text.startswith("data: "):
         try:
             events = sse_payloads(text)
@@ -209,6 +211,7 @@ def describe(exc: BaseException) -> tuple[str, str]:
 @dataclasses.dataclass
 class Failure:
     body: dict  # the smallest body that broke it
+    problem: str  # the broken invariant, with details
     answer: str  # what the server answered to that body
     cause: str  # the server-side exception (type, place, message), when one was logged
     count: int = 0
@@ -226,12 +229,13 @@ class Tally:
         key = f"{status}" if status >= 500 or status == 200 else answer.split(":")[0]
         self.statuses.setdefault(op, Counter())[key] += 1
         if problem:
-            # one failure per server-side cause (type and place), else per answer
-            k = (op, problem, cause[0] or answer[:80])
-            f = self.failures.setdefault(k, Failure(body, answer, cause[1]))
+            # one failure per invariant; a 5xx per server-side cause (type and place), else per message
+            label = problem.split(":")[0]
+            k = (op, label, (cause[0] or answer[:60]) if label[0] == "5" else "")
+            f = self.failures.setdefault(k, Failure(body, problem, answer, cause[1]))
             f.count += 1
             if len(S.encode(body)) < len(S.encode(f.body)):
-                f.body, f.answer, f.cause = body, answer, cause[1]
+                f.body, f.problem, f.answer, f.cause = body, problem, answer, cause[1]
 
 
 # ------------------------------------------------------------------------------------------ canary
@@ -284,12 +288,18 @@ def write_report(tally: Tally, canary: Canary, seconds: float) -> None:
              "invariant failures": sum(1 for (o, _, _) in tally.failures if o == op),
              "statuses": ", ".join(f"{k}: {n}" for k, n in sorted(tally.statuses.get(op, {}).items()))}
             for op in ("completions", "chat")]
-    failures = [{"operation": op, "invariant": problem, "examples": f.count, "answer": f.answer, "cause": f.cause,
+    failures = [{"operation": op, "invariant": f.problem, "examples": f.count, "answer": f.answer, "cause": f.cause,
                  "body": S.encode(f.body).decode()} for (op, problem, _), f in sorted(tally.failures.items())]
-    meta = {**machine_info(), "command": f"make fuzz (FUZZ_CONTRACT_EXAMPLES={EXAMPLES} python -m pytest "
+    meta = {**machine_info(), "command": f"make fuzz FUZZ_PER_OPERATION={EXAMPLES}  (OMP_NUM_THREADS=1 "
+                                         f"FUZZ_CONTRACT_EXAMPLES={EXAMPLES} FUZZ_REPORT={REPORT} python -m pytest "
                                          "tests/test_fuzz_contract.py -q -s)",
+            "examples per operation": f"{EXAMPLES} generated + {len(S.EXPLICIT['completions'])} / "
+                                      f"{len(S.EXPLICIT['chat'])} explicit (issue 23's cases)",
+            "derandomized": DERANDOMIZE,
             "seconds": round(seconds, 1), "canary runs": canary.runs,
             "canary mismatches": len(canary.mismatches), "canary errors": len(canary.errors)}
+    if canary.errors:
+        meta["canary errors (first 3)"] = "; ".join(e[:200] for e in canary.errors[:3])
     table = markdown_table(rows, [("operation", "operation"), ("examples", "examples"), ("5xx", "5xx"),
                                   ("invariant failures", "distinct invariant failures"), ("statuses", "answers")])
     notes = "## Distinct failures (smallest body each)\n\n" + ("\n".join(
@@ -317,11 +327,29 @@ def fuzz(client: httpx.Client, op: str, tally: Tally, crashes: Crashes) -> None:
             tally.add(op, body, 599, "5xx: no HTTP answer", type(e).__name__, crashes.take())
             return
         problem, answer = check(body, r.status_code, r.content, stream)
+        if not problem and r.status_code == 200 and not stream:
+            problem = greedy_problem(client, op, body, r.json())
         if problem:
             time.sleep(0.05)
         tally.add(op, body, r.status_code, problem, answer, crashes.take())
 
+    for body in S.EXPLICIT[op]:
+        run = example(body=body)(run)
     run()
+
+
+def greedy_problem(client: httpx.Client, op: str, body: dict, out: dict) -> str | None:
+    """A temperature below 1e-5 samples greedily (vLLM's rule): the same choices as temperature 0."""
+    t = body.get("temperature")
+    if not (isinstance(t, (int, float)) and 0 < t < 1e-5):
+        return None
+    r = client.post(S.path_of(op), content=S.encode({**body, "temperature": 0}),
+                    headers={"content-type": "application/json"})
+    if r.status_code != 200:
+        return None  # not comparable (e.g. best_of > 1 is refused at temperature 0)
+    key = "text" if op == "completions" else "message"
+    got, want = [c[key] for c in out["choices"]], [c[key] for c in r.json()["choices"]]
+    return None if got == want else f"not greedy below 1e-5: temperature {t} gave {str(got)[:80]}, 0 gave {str(want)[:80]}"
 
 
 def test_contract_fuzz_never_5xx_always_an_envelope_and_the_canary_keeps_its_tokens(server):
@@ -354,8 +382,8 @@ def test_contract_fuzz_never_5xx_always_an_envelope_and_the_canary_keeps_its_tok
     print(f"\ncontract fuzz: {dict(tally.examples)} examples in {seconds:.0f} s; canary runs {canary.runs}")
     for op, counts in tally.statuses.items():
         print(f"  {op}: {dict(sorted(counts.items()))}")
-    for (op, problem, _), f in sorted(tally.failures.items()):
-        print(f"  FAIL {op} x{f.count}: {problem} ({f.answer})\n    server: {f.cause}\n    body: "
+    for (op, _, _), f in sorted(tally.failures.items()):
+        print(f"  FAIL {op} x{f.count}: {f.problem} ({f.answer})\n    server: {f.cause}\n    body: "
               f"{S.encode(f.body).decode()[:400]}")
     if REPORT:
         write_report(tally, canary, seconds)
