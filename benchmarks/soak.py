@@ -449,7 +449,8 @@ async def soak(args, base_url: str, server_pid: int | None) -> dict:
                     "last": round(rss[-1][1] / 2**20, 1) if rss else None,
                     "max": round(max(v for _, v in rss) / 2**20, 1) if rss else None,
                     "slope_after_warmup_mib_per_min": None if (s := slope_mib_per_min(warm)) is None else round(s, 2),
-                    "samples": len(rss)},
+                    "samples": len(rss),
+                    "series": [[round(t_), round(v / 2**20, 1)] for t_, v in rss[::5]]},  # every 5 s: [s, MiB]
         "engine_idle_after": idle,
         "checks": checks, "passed": all(checks.values()),
         "bad_input_5xx_bodies": [{"message": m, "body": encode(b).decode()[:600]} for m, b in t.bad_5xx.items()],
