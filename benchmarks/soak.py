@@ -174,6 +174,19 @@ def _tokens(ev: dict) -> list[str]:
     return out
 
 
+async def _sse(r: httpx.Response):
+    """The ``data:`` payloads of an SSE body. Events end with a blank line; not ``aiter_lines``, which also
+    splits at U+2028, U+0085 and the like (``str.splitlines``), characters a JSON string may hold as they are."""
+    buf = b""
+    async for chunk in r.aiter_bytes():
+        buf += chunk
+        while b"\n\n" in buf:
+            event, buf = buf.split(b"\n\n", 1)
+            for line in event.decode("utf-8").split("\n"):
+                if line.startswith("data: "):
+                    yield line[len("data: "):]
+
+
 async def send(client: httpx.AsyncClient, path: str, body: dict, *, close_after: int | None = None,
                slow_s: float = 0.0) -> Answer:
     a = Answer()
@@ -196,11 +209,7 @@ async def send(client: httpx.AsyncClient, path: str, body: dict, *, close_after:
             if r.status_code != 200:
                 a.error, a.complete = _error_of((await r.aread()).decode("utf-8", "replace")), True
                 return a
-            events = 0
-            async for line in r.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                payload = line[len("data: "):]
+            async for payload in _sse(r):
                 if payload == "[DONE]":
                     a.complete = True
                     break
@@ -208,8 +217,7 @@ async def send(client: httpx.AsyncClient, path: str, body: dict, *, close_after:
                 if "error" in ev:
                     a.error = ev["error"]
                 a.tokens += _tokens(ev)
-                events += 1
-                if close_after is not None and events >= close_after:
+                if close_after is not None and (close_after := close_after - 1) == 0:
                     a.disconnected = True
                     break
                 if slow_s:
@@ -406,7 +414,7 @@ async def soak(args, base_url: str, server_pid: int | None) -> dict:
                 await asyncio.sleep(1.0)
 
         helpers = [asyncio.create_task(canary_loop()), asyncio.create_task(rss_loop())]
-        kinds, weights = zip(*MIX)
+        kinds, weights = zip(*args.mix)
         i = 0
         while time.monotonic() - start < duration:
             await asyncio.sleep(rng.expovariate(rate))
@@ -529,12 +537,23 @@ def write(result: dict, args, command: str) -> None:
     if r["lost_examples"]:
         notes += ["", "## Lost requests (first 10)", ""]
         notes += [f"- {f['kind']}: {f['what']}\n  `{f['body']}`" for f in r["lost_examples"]]
-    meta = {**machine_info(), "command": command, "mix": ", ".join(f"{k} {w:.0%}" for k, w in MIX),
+    meta = {**machine_info(), "command": command, "mix": ", ".join(f"{k} {w:.0%}" for k, w in args.mix),
             "server": "benchmarks/soak_server.py (tiny test family + fault policies oom, nan, rm_broken), "
                       f"max_num_seqs {args.max_num_seqs}"}
     md, js = write_report(args.out, "Soak: mixed traffic, bad input and injected faults", meta,
                           markdown_table(rows, [("metric", "metric"), ("value", "value")]), result, "\n".join(notes))
     print(f"wrote {md} and {js}")
+
+
+def _mix(text: str) -> list[tuple[str, float]]:
+    kinds = dict(MIX)
+    out = []
+    for part in text.split(","):
+        kind, _, weight = part.partition("=")
+        if kind not in kinds:
+            raise argparse.ArgumentTypeError(f"unknown kind {kind!r} (one of {', '.join(kinds)})")
+        out.append((kind, float(weight)))
+    return out
 
 
 def main(argv=None) -> int:
@@ -545,6 +564,8 @@ def main(argv=None) -> int:
     ap.add_argument("--calibrate-seconds", type=float, default=30.0)
     ap.add_argument("--calibrate-concurrency", type=int, default=8)
     ap.add_argument("--corpus", type=int, default=300, help="fuzz-corpus bodies per operation (bad traffic)")
+    ap.add_argument("--mix", type=_mix, default=MIX, metavar="KIND=W,...",
+                    help="traffic kinds and weights (default " + ",".join(f"{k}={w}" for k, w in MIX) + ")")
     ap.add_argument("--canary-every", type=float, default=15.0, help="seconds between canary runs under load")
     ap.add_argument("--max-num-seqs", type=int, default=16)
     ap.add_argument("--models", default=str(ROOT / ".cache" / "soak-models"))
