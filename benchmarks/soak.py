@@ -556,7 +556,7 @@ def _mix(text: str) -> list[tuple[str, float]]:
     return out
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="Soak a policymix server under mixed traffic, bad input and faults.")
     ap.add_argument("--minutes", type=float, default=10.0, help="soak duration (default 10)")
     ap.add_argument("--quick", action="store_true", help="1 minute, 10 s calibration, a smaller corpus")
@@ -577,6 +577,11 @@ def main(argv=None) -> int:
     if args.quick:
         args.minutes, args.calibrate_seconds, args.corpus, args.canary_every = 1.0, 10.0, 100, 10.0
     args.out = args.out or str(ROOT / "benchmarks" / "results" / ("soak_cpu_quick" if args.quick else "soak_cpu"))
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     command = "OMP_NUM_THREADS=1 python -m benchmarks.soak " + " ".join(argv if argv is not None else sys.argv[1:])
     proc = None
     if args.base_url:

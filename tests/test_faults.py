@@ -5,6 +5,7 @@ keeps the tokens it has alone."""
 from __future__ import annotations
 
 import asyncio
+import os
 
 import httpx
 import pytest
@@ -57,3 +58,20 @@ def test_a_fault_policy_fails_its_request_and_no_other(soak_server, fault):
         assert (r.status_code, err["code"]) == (status, code), r.text
         assert set(err) == {"message", "type", "param", "code"}
     assert tokens(beside) == tokens(alone)
+
+
+def test_the_soak_harness_gives_every_request_one_outcome(soak_server):
+    """benchmarks/soak.py for a few seconds against the same server: the harness itself (its pass/fail
+    verdict on bad input is the fuzzer's business: tests/test_fuzz_contract.py)."""
+    from benchmarks import soak
+
+    srv, _ = soak_server
+    args = soak.parse_args(["--minutes", "0.1", "--calibrate-seconds", "2", "--calibrate-concurrency", "2",
+                            "--corpus", "5", "--canary-every", "2", "--base-url", srv.url])
+    result = asyncio.run(soak.soak(args, srv.url, os.getpid()))
+    assert result["sent"] == sum(result["outcomes"].values()) > 10
+    assert {k.split(":")[0] for k in result["outcomes"]} >= {"good", "bad"}
+    assert result["lost"] == 0, result["lost_examples"]
+    assert result["canary"]["start_equals_end"] and result["canary"]["runs"] >= 1
+    assert result["engine_idle_after"]
+    assert result["rss_mib"]["samples"] >= 3 and result["calibration"]["completed"] > 0
