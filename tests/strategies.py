@@ -428,9 +428,12 @@ def path_of(operation: str) -> str:
     return {"completions": "/v1/completions", "chat": "/v1/chat/completions"}[operation]
 
 
-def encode(body: Any) -> bytes:
+def encode(body: Any, raw: bool = False) -> bytes:
     """The bytes a Python client sends: ``NaN``/``Infinity`` literals allowed, non-ASCII escaped (so a lone
-    surrogate travels as ``\\ud800``), ints of any size as digits."""
+    surrogate travels as ``\\ud800``), ints of any size as digits. ``raw``: UTF-8 as most other clients send
+    it, a lone surrogate as the three bytes that are not UTF-8 (``ED A0 80``)."""
+    if raw:
+        return json.dumps(body, allow_nan=True, ensure_ascii=False).encode("utf-8", "surrogatepass")
     return json.dumps(body, allow_nan=True).encode()
 
 

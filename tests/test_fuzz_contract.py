@@ -33,6 +33,7 @@ from collections import Counter
 import httpx
 import pytest
 from hypothesis import HealthCheck, Phase, example, given, settings
+from hypothesis import strategies as st
 
 import strategies as S
 from api_helpers import LiveServer
@@ -214,6 +215,7 @@ class Failure:
     problem: str  # the broken invariant, with details
     answer: str  # what the server answered to that body
     cause: str  # the server-side exception (type, place, message), when one was logged
+    raw: bool = False  # sent as raw UTF-8 (S.encode(body, raw=True)), not ASCII-escaped
     count: int = 0
 
 
@@ -224,7 +226,7 @@ class Tally:
     failures: dict = dataclasses.field(default_factory=dict)  # (operation, invariant, signature) -> Failure
 
     def add(self, op: str, body: dict, status: int, problem: str | None, answer: str,
-            cause: tuple[str, str] = ("", "")) -> None:
+            cause: tuple[str, str] = ("", ""), raw: bool = False) -> None:
         self.examples[op] += 1
         key = f"{status}" if status >= 500 or status == 200 else answer.split(":")[0]
         self.statuses.setdefault(op, Counter())[key] += 1
@@ -232,10 +234,10 @@ class Tally:
             # one failure per invariant; a 5xx per server-side cause (type and place), else per message
             label = problem.split(":")[0]
             k = (op, label, (cause[0] or answer[:60]) if label[0] == "5" else "")
-            f = self.failures.setdefault(k, Failure(body, problem, answer, cause[1]))
+            f = self.failures.setdefault(k, Failure(body, problem, answer, cause[1], raw))
             f.count += 1
             if len(S.encode(body)) < len(S.encode(f.body)):
-                f.body, f.problem, f.answer, f.cause = body, problem, answer, cause[1]
+                f.body, f.problem, f.answer, f.cause, f.raw = body, problem, answer, cause[1], raw
 
 
 # ------------------------------------------------------------------------------------------ canary
@@ -289,7 +291,7 @@ def write_report(tally: Tally, canary: Canary, seconds: float) -> None:
              "statuses": ", ".join(f"{k}: {n}" for k, n in sorted(tally.statuses.get(op, {}).items()))}
             for op in ("completions", "chat")]
     failures = [{"operation": op, "invariant": f.problem, "examples": f.count, "answer": f.answer, "cause": f.cause,
-                 "body": S.encode(f.body).decode()} for (op, problem, _), f in sorted(tally.failures.items())]
+                 "body": S.encode(f.body).decode(), "sent_as": "raw UTF-8" if f.raw else "ASCII-escaped JSON"} for (op, problem, _), f in sorted(tally.failures.items())]
     meta = {**machine_info(), "command": f"make fuzz FUZZ_PER_OPERATION={EXAMPLES}  (OMP_NUM_THREADS=1 "
                                          f"FUZZ_CONTRACT_EXAMPLES={EXAMPLES} FUZZ_REPORT={REPORT} python -m pytest "
                                          "tests/test_fuzz_contract.py -q -s)",
@@ -304,7 +306,7 @@ def write_report(tally: Tally, canary: Canary, seconds: float) -> None:
                                   ("invariant failures", "distinct invariant failures"), ("statuses", "answers")])
     notes = "## Distinct failures (smallest body each)\n\n" + ("\n".join(
         f"- {f['operation']}, {f['examples']} examples: **{f['invariant']}** ({f['answer']})"
-        + (f"\n  server: `{f['cause']}`" if f["cause"] else "") + f"\n  body: `{f['body'][:600]}`"
+        + (f"\n  server: `{f['cause']}`" if f["cause"] else "") + f"\n  body ({f['sent_as']}): `{f['body'][:600]}`"
         for f in failures) or "none")
     write(REPORT, "Contract-wide fuzzing (tests/test_fuzz_contract.py)", meta, table,
           {"rows": rows, "failures": failures, "canary_mismatches": canary.mismatches[:5]}, notes)
@@ -313,28 +315,28 @@ def write_report(tally: Tally, canary: Canary, seconds: float) -> None:
 def fuzz(client: httpx.Client, op: str, tally: Tally, crashes: Crashes) -> None:
     @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=DERANDOMIZE,
               phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
-    @given(body=S.bodies(op))
-    def run(body):
+    @given(body=S.bodies(op), raw=st.sampled_from([False, False, False, True]))
+    def run(body, raw):
         stream = body.get("stream") is True
         crashes.take()  # a late log line of the previous example is not this one's
         try:
-            r = client.post(S.path_of(op), content=S.encode(body), headers={"content-type": "application/json"})
+            r = client.post(S.path_of(op), content=S.encode(body, raw), headers={"content-type": "application/json"})
         except httpx.TimeoutException:
-            tally.add(op, body, 599, "5xx: timeout", f"no answer in {CALL_TIMEOUT_S} s", crashes.take())
+            tally.add(op, body, 599, "5xx: timeout", f"no answer in {CALL_TIMEOUT_S} s", crashes.take(), raw)
             return
         except httpx.TransportError as e:  # the server dropped the connection: a crash the client sees as no answer
             time.sleep(0.05)  # uvicorn logs the crash after closing the connection
-            tally.add(op, body, 599, "5xx: no HTTP answer", type(e).__name__, crashes.take())
+            tally.add(op, body, 599, "5xx: no HTTP answer", type(e).__name__, crashes.take(), raw)
             return
         problem, answer = check(body, r.status_code, r.content, stream)
         if not problem and r.status_code == 200 and not stream:
             problem = greedy_problem(client, op, body, r.json())
         if problem:
             time.sleep(0.05)
-        tally.add(op, body, r.status_code, problem, answer, crashes.take())
+        tally.add(op, body, r.status_code, problem, answer, crashes.take(), raw)
 
     for body in S.EXPLICIT[op]:
-        run = example(body=body)(run)
+        run = example(body=body, raw=False)(run)
     run()
 
 
@@ -383,7 +385,7 @@ def test_contract_fuzz_never_5xx_always_an_envelope_and_the_canary_keeps_its_tok
     for op, counts in tally.statuses.items():
         print(f"  {op}: {dict(sorted(counts.items()))}")
     for (op, _, _), f in sorted(tally.failures.items()):
-        print(f"  FAIL {op} x{f.count}: {f.problem} ({f.answer})\n    server: {f.cause}\n    body: "
+        print(f"  FAIL {op} x{f.count}: {f.problem} ({f.answer})\n    server: {f.cause}\n    body{' (raw)' * f.raw}: "
               f"{S.encode(f.body).decode()[:400]}")
     if REPORT:
         write_report(tally, canary, seconds)
