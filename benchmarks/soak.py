@@ -5,8 +5,8 @@
 
 It starts benchmarks/soak_server.py (the tiny test family plus three fault-injecting policies of
 benchmarks/faults.py: a forward raising out-of-memory, NaN logits, a reward model raising) in a
-subprocess, measures its capacity (completed requests per second of the well-formed mix, closed loop),
-then sends Poisson arrivals at ``--load`` (default 80%) of that capacity for ``--minutes``:
+subprocess, measures its capacity (answered requests per second, closed loop over the same mix, slow
+readers left out), then sends Poisson arrivals at ``--load`` (default 80%) of that capacity for ``--minutes``:
 
 - well-formed requests with random recipes (weights, MOD, DeRa, proxy, named, guidance, context-aware,
   prompt variants), best-of with every scorer (prune, soft), search, speculative, stop ids, logit bias;
@@ -284,9 +284,15 @@ CANARIES = [
 
 
 async def canaries(client: httpx.AsyncClient) -> list[list[str] | str]:
+    """Each canary's tokens, or what went wrong (a string). A refusal (429/503) is retried after its
+    retry-after: it says nothing about tokens."""
     out = []
     for path, body in CANARIES:
-        a = await send(client, path, body)
+        for _ in range(20):
+            a = await send(client, path, body)
+            if a.status not in (429, 503) or a.error is None or a.error.get("code") == "out_of_memory":
+                break
+            await asyncio.sleep(1.0)
         out.append(a.tokens if a.complete and a.error is None and a.tokens else f"{a.status} {a.error} {a.transport}")
     return out
 
@@ -295,18 +301,43 @@ def _path(chat: bool) -> str:
     return "/v1/chat/completions" if chat else "/v1/completions"
 
 
-async def calibrate(client: httpx.AsyncClient, seconds: float, concurrency: int, seed: int) -> dict:
-    """Closed loop: ``concurrency`` workers send well-formed requests back to back; completed per second."""
+async def request(kind: str, r: random.Random, client: httpx.AsyncClient, bad_client: httpx.AsyncClient,
+                  bad: list[tuple[str, dict]]) -> tuple[dict, Answer]:
+    """One request of ``kind`` (a kind of MIX), drawn from ``r``: (its body, its answer)."""
+    chat = r.random() < 0.5
+    if kind == "bad":
+        op, body = bad[r.randrange(len(bad))]
+        return body, await send(bad_client, _path(op == "chat"), body)
+    if kind.startswith("fault"):
+        body = fault_body(r, kind[6:], chat, r.random() < 0.5)
+        return body, await send(client, _path(chat), body)
+    if kind in ("disconnect", "slow"):
+        body = good_body(r, chat, True, max_tokens=48 if kind == "disconnect" else 32)
+        if "search" in body:
+            del body["search"]
+        body.update(stream=True, max_tokens=body.get("max_tokens") or 32, ignore_eos=True)
+        if kind == "disconnect":
+            return body, await send(client, _path(chat), body, close_after=r.randint(1, 3))
+        body.update({"logprobs": True, "top_logprobs": 5} if chat else {"logprobs": 5})  # big events, read slowly
+        return body, await send(client, _path(chat), body, slow_s=0.25)
+    body = good_body(r, chat, r.random() < 0.5)
+    return body, await send(client, _path(chat), body)
+
+
+async def calibrate(client: httpx.AsyncClient, bad_client: httpx.AsyncClient, bad: list, mix: list, seconds: float,
+                    concurrency: int, seed: int) -> dict:
+    """Closed loop: ``concurrency`` workers send the soak's mix back to back (slow readers left out: their pauses
+    are the client's); answered requests per second. Refusals (429/503) do not count."""
     rng = random.Random(seed)
+    kinds, weights = zip(*[(k, w) for k, w in mix if k != "slow"])
     end = time.monotonic() + seconds
     done, failed = 0, 0
 
     async def worker():
         nonlocal done, failed
         while time.monotonic() < end:
-            chat = rng.random() < 0.5
-            a = await send(client, _path(chat), good_body(rng, chat, rng.random() < 0.5))
-            if a.complete and a.error is None:
+            _, a = await request(rng.choices(kinds, weights)[0], random.Random(rng.random()), client, bad_client, bad)
+            if a.complete and a.status not in (429, 503) or a.disconnected:
                 done += 1
             else:
                 failed += 1
@@ -314,7 +345,7 @@ async def calibrate(client: httpx.AsyncClient, seconds: float, concurrency: int,
     start = time.monotonic()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.monotonic() - start
-    return {"seconds": round(elapsed, 1), "concurrency": concurrency, "completed": done, "failed": failed,
+    return {"seconds": round(elapsed, 1), "concurrency": concurrency, "completed": done, "not_completed": failed,
             "capacity_rps": round(done / elapsed, 2)}
 
 
@@ -364,39 +395,20 @@ async def soak(args, base_url: str, server_pid: int | None) -> dict:
         start_canary = await canaries(client)
         if any(isinstance(c, str) for c in start_canary):
             raise RuntimeError(f"the canaries fail on an idle server: {start_canary}")
-        cal = await calibrate(client, args.calibrate_seconds, args.calibrate_concurrency, args.seed)
+        cal = await calibrate(client, bad_client, bad, args.mix, args.calibrate_seconds, args.calibrate_concurrency,
+                              args.seed)
         rate = args.load * cal["capacity_rps"]
         print(f"capacity {cal['capacity_rps']} req/s (closed loop, {cal['concurrency']} in flight); "
               f"soak at {rate:.2f} req/s for {args.minutes} min", flush=True)
         t, rng = Tally(), random.Random(args.seed + 1)
         rss: list[tuple[float, int]] = []
-        during = {"runs": 0, "mismatches": 0, "errors": 0}
+        during = {"runs": 0, "mismatches": 0, "errors": 0, "error_examples": []}
         tasks: set[asyncio.Task] = set()
         start = time.monotonic()
         duration = args.minutes * 60
 
         async def one(kind: str, i: int):
-            r = random.Random(args.seed * 1_000_003 + i)
-            chat = r.random() < 0.5
-            if kind == "bad":
-                op, body = bad[r.randrange(len(bad))]
-                a = await send(bad_client, "/v1/chat/completions" if op == "chat" else "/v1/completions", body)
-            elif kind.startswith("fault"):
-                body = fault_body(r, kind[6:], chat, r.random() < 0.5)
-                a = await send(client, _path(chat), body)
-            elif kind in ("disconnect", "slow"):
-                body = good_body(r, chat, True, max_tokens=48 if kind == "disconnect" else 32)
-                if "search" in body:
-                    del body["search"]
-                body.update(stream=True, max_tokens=body.get("max_tokens") or 32, ignore_eos=True)
-                if kind == "disconnect":
-                    a = await send(client, _path(chat), body, close_after=r.randint(1, 3))
-                else:  # big events (5 top logprobs each), read with a pause between them
-                    body.update({"logprobs": True, "top_logprobs": 5} if chat else {"logprobs": 5})
-                    a = await send(client, _path(chat), body, slow_s=0.25)
-            else:
-                body = good_body(r, chat, r.random() < 0.5)
-                a = await send(client, _path(chat), body)
+            body, a = await request(kind, random.Random(args.seed * 1_000_003 + i), client, bad_client, bad)
             classify(t, kind, body, a)
 
         async def canary_loop():
@@ -405,6 +417,7 @@ async def soak(args, base_url: str, server_pid: int | None) -> dict:
                 got = await canaries(client)
                 during["runs"] += 1
                 during["errors"] += sum(isinstance(g, str) for g in got)
+                during["error_examples"] = (during["error_examples"] + [g[:300] for g in got if isinstance(g, str)])[:5]
                 during["mismatches"] += sum(not isinstance(g, str) and g != w for g, w in zip(got, start_canary))
 
         async def rss_loop():
@@ -438,6 +451,7 @@ async def soak(args, base_url: str, server_pid: int | None) -> dict:
     sent = sum(t.outcomes.values())
     lost = sum(n for (k, o), n in t.outcomes.items() if o == "lost")
     failed = sum(n for (k, o), n in t.outcomes.items() if o == "failed")
+    refused = sum(n for (k, o), n in t.outcomes.items() if o == "refused (overloaded)")
     bad_5xx = sum(n for (k, o), n in t.outcomes.items() if k == "bad" and o == "5xx")
     served = sum(n for (k, o), n in t.outcomes.items() if k in ("good", "slow", "disconnect")
                  and o in ("served", "disconnected"))
@@ -448,7 +462,7 @@ async def soak(args, base_url: str, server_pid: int | None) -> dict:
               "engine idle after": idle}
     return {
         "calibration": cal, "rate_rps": round(rate, 2), "soak_seconds": round(soak_s, 1), "sent": sent,
-        "served": served, "answered": answered, "lost": lost, "well_formed_failed": failed, "bad_input_5xx": bad_5xx,
+        "served": served, "answered": answered, "lost": lost, "well_formed_refused": refused, "well_formed_failed": failed, "bad_input_5xx": bad_5xx,
         "outcomes": {f"{k}: {o}": n for (k, o), n in sorted(t.outcomes.items())},
         "bad_statuses": {str(k): n for k, n in sorted(t.bad_statuses.items(), key=str)},
         "fault_answers": {f"{k} -> {s} {c}": n for (k, s, c), n in sorted(t.fault_answers.items(), key=str)},
@@ -503,12 +517,15 @@ def write(result: dict, args, command: str) -> None:
 
     r = result
     rows = [
-        {"metric": "capacity (closed loop, req/s)", "value": r["calibration"]["capacity_rps"]},
+        {"metric": "capacity (answered req/s, closed loop over the mix without slow readers)",
+         "value": r["calibration"]["capacity_rps"]},
         {"metric": f"offered load (req/s, {args.load:.0%} of capacity)", "value": r["rate_rps"]},
         {"metric": "soak duration (s)", "value": r["soak_seconds"]},
         {"metric": "requests sent", "value": r["sent"]},
         {"metric": "well-formed requests served (completed, or disconnected by the client)", "value": r["served"]},
         {"metric": "requests answered (anything but lost)", "value": r["answered"]},
+        {"metric": "well-formed requests refused (429/503 with retry-after: over capacity)",
+         "value": r["well_formed_refused"]},
         {"metric": "lost (no answer, timeout, stream cut before [DONE])", "value": r["lost"]},
         {"metric": "well-formed requests that failed (bystanders harmed)", "value": r["well_formed_failed"]},
         {"metric": "5xx answers to bad input", "value": r["bad_input_5xx"]},
@@ -534,6 +551,9 @@ def write(result: dict, args, command: str) -> None:
     if r["well_formed_failures"]:
         notes += ["", "## Well-formed requests that failed (first 10)", ""]
         notes += [f"- {f['status']} {json.dumps(f['error'])[:300]}\n  `{f['body']}`" for f in r["well_formed_failures"]]
+    if r["canary"]["error_examples"]:
+        notes += ["", "## Canary errors under the load (first 5)", ""]
+        notes += [f"- `{e}`" for e in r["canary"]["error_examples"]]
     if r["lost_examples"]:
         notes += ["", "## Lost requests (first 10)", ""]
         notes += [f"- {f['kind']}: {f['what']}\n  `{f['body']}`" for f in r["lost_examples"]]
