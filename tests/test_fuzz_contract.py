@@ -224,6 +224,7 @@ class Tally:
     examples: Counter = dataclasses.field(default_factory=Counter)  # per operation
     statuses: dict = dataclasses.field(default_factory=dict)  # operation -> Counter of "200", "400 code", ...
     failures: dict = dataclasses.field(default_factory=dict)  # (operation, invariant, signature) -> Failure
+    unnamed: dict = dataclasses.field(default_factory=dict)  # a 400 without `param`: message -> smallest body
 
     def add(self, op: str, body: dict, status: int, problem: str | None, answer: str,
             cause: tuple[str, str] = ("", ""), raw: bool = False) -> None:
@@ -308,8 +309,12 @@ def write_report(tally: Tally, canary: Canary, seconds: float) -> None:
         f"- {f['operation']}, {f['examples']} examples: **{f['invariant']}** ({f['answer']})"
         + (f"\n  server: `{f['cause']}`" if f["cause"] else "") + f"\n  body ({f['sent_as']}): `{f['body'][:600]}`"
         for f in failures) or "none")
+    notes += ("\n\n## 400s that name no field (`param: null`; reported, not an invariant)\n\n"
+              + ("\n".join(f"- {m}\n  `{S.encode(b).decode()[:300]}`" for m, b in sorted(tally.unnamed.items()))
+                 or "none: every 400 named its field"))
     write(REPORT, "Contract-wide fuzzing (tests/test_fuzz_contract.py)", meta, table,
-          {"rows": rows, "failures": failures, "canary_mismatches": canary.mismatches[:5]}, notes)
+          {"rows": rows, "failures": failures, "canary_mismatches": canary.mismatches[:5],
+           "unnamed_400": {m: S.encode(b).decode()[:300] for m, b in sorted(tally.unnamed.items())}}, notes)
 
 
 def fuzz(client: httpx.Client, op: str, tally: Tally, crashes: Crashes) -> None:
@@ -334,6 +339,10 @@ def fuzz(client: httpx.Client, op: str, tally: Tally, crashes: Crashes) -> None:
         if problem:
             time.sleep(0.05)
         tally.add(op, body, r.status_code, problem, answer, crashes.take(), raw)
+        if r.status_code == 400 and not problem and r.json()["error"]["param"] is None:  # not an invariant: reported
+            msg = r.json()["error"]["message"][:100]
+            if msg not in tally.unnamed or len(S.encode(body)) < len(S.encode(tally.unnamed[msg])):
+                tally.unnamed[msg] = body
 
     for body in S.EXPLICIT[op]:
         run = example(body=body, raw=False)(run)
