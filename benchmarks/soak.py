@@ -462,7 +462,8 @@ async def soak(args, base_url: str, server_pid: int | None) -> dict:
               "engine idle after": idle}
     return {
         "calibration": cal, "rate_rps": round(rate, 2), "soak_seconds": round(soak_s, 1), "sent": sent,
-        "served": served, "answered": answered, "lost": lost, "well_formed_refused": refused, "well_formed_failed": failed, "bad_input_5xx": bad_5xx,
+        "served": served, "answered": answered, "lost": lost, "well_formed_refused": refused,
+        "well_formed_failed": failed, "bad_input_5xx": bad_5xx,
         "outcomes": {f"{k}: {o}": n for (k, o), n in sorted(t.outcomes.items())},
         "bad_statuses": {str(k): n for k, n in sorted(t.bad_statuses.items(), key=str)},
         "fault_answers": {f"{k} -> {s} {c}": n for (k, s, c), n in sorted(t.fault_answers.items(), key=str)},

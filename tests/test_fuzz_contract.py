@@ -112,7 +112,8 @@ def guard_problem(body: dict, ext: dict | None) -> str | None:
     for name, v in variants.items():
         if (v or {}).get("policy") == S.PROTECTED_PROMPTED and v.get("source") == "system_prompt" \
                 and weights.get(name, 0) > 0:
-            return f"guard (system prompt replaced): variant {name!r} of the prompted protected policy at {weights[name]}"
+            return (f"guard (system prompt replaced): variant {name!r} of the prompted protected policy at "
+                    f"{weights[name]}")
     mixture = body.get("mixture")
     ca = mixture.get("context_aware") if isinstance(mixture, dict) else None
     if isinstance(ca, dict) and ca.get("policy") == S.PROTECTED_PROMPTED and isinstance(ca.get("alpha"), (int, float)) \
@@ -292,7 +293,8 @@ def write_report(tally: Tally, canary: Canary, seconds: float) -> None:
              "statuses": ", ".join(f"{k}: {n}" for k, n in sorted(tally.statuses.get(op, {}).items()))}
             for op in ("completions", "chat")]
     failures = [{"operation": op, "invariant": f.problem, "examples": f.count, "answer": f.answer, "cause": f.cause,
-                 "body": S.encode(f.body).decode(), "sent_as": "raw UTF-8" if f.raw else "ASCII-escaped JSON"} for (op, problem, _), f in sorted(tally.failures.items())]
+                 "body": S.encode(f.body).decode(), "sent_as": "raw UTF-8" if f.raw else "ASCII-escaped JSON"}
+                for (op, _, _), f in sorted(tally.failures.items())]
     meta = {**machine_info(), "command": f"make fuzz FUZZ_PER_OPERATION={EXAMPLES}  (OMP_NUM_THREADS=1 "
                                          f"FUZZ_CONTRACT_EXAMPLES={EXAMPLES} FUZZ_REPORT={REPORT} python -m pytest "
                                          "tests/test_fuzz_contract.py -q -s)",
@@ -360,7 +362,9 @@ def greedy_problem(client: httpx.Client, op: str, body: dict, out: dict) -> str 
         return None  # not comparable (e.g. best_of > 1 is refused at temperature 0)
     key = "text" if op == "completions" else "message"
     got, want = [c[key] for c in out["choices"]], [c[key] for c in r.json()["choices"]]
-    return None if got == want else f"not greedy below 1e-5: temperature {t} gave {str(got)[:80]}, 0 gave {str(want)[:80]}"
+    if got == want:
+        return None
+    return f"not greedy below 1e-5: temperature {t} gave {str(got)[:80]}, 0 gave {str(want)[:80]}"
 
 
 def test_contract_fuzz_never_5xx_always_an_envelope_and_the_canary_keeps_its_tokens(server):
