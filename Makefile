@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install install-serve install-lab install-vllm install-browser install-replicas serve test test-fast bench bench-quick demo demo-policies clean
+.PHONY: install install-serve install-lab install-vllm install-browser install-replicas serve test test-fast bench bench-quick fuzz demo demo-policies clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -64,6 +64,14 @@ bench: install
 # The same on tiny models, one repeat, into a scratch folder (seconds; CI runs it in tests/test_bench_summary.py).
 bench-quick:
 	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.all --quick --out-dir .cache/bench-quick
+
+# The contract-wide fuzzer (tests/test_fuzz_contract.py; CI runs 40 examples per operation) at
+# FUZZ_PER_OPERATION examples per operation, beside a seeded canary stream; the figure (examples,
+# answers, 5xx, every distinct failure with its smallest body) goes to benchmarks/results/fuzz.md/json.
+FUZZ_PER_OPERATION ?= 300
+fuzz:
+	OMP_NUM_THREADS=1 FUZZ_CONTRACT_EXAMPLES=$(FUZZ_PER_OPERATION) FUZZ_REPORT=benchmarks/results/fuzz \
+		$(BIN)/python -m pytest tests/test_fuzz_contract.py -q -s -p no:cacheprovider --show-capture=no
 
 demo: install
 	$(BIN)/policymix demo
