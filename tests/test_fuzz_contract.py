@@ -126,7 +126,10 @@ def guard_problem(body: dict, ext: dict | None) -> str | None:
         scorers.append(body["search"].get("scorer"))
     for scorer in scorers:
         implicit = scorer.get("implicit") if isinstance(scorer, dict) else None
-        if isinstance(implicit, dict) and implicit.get("reference") in PROTECTED:
+        # the reference's log-probability gets -beta, the policy's +beta: a protected policy with a negative
+        # net coefficient (as the reference of another policy; policy == reference nets 0) is an inversion
+        if isinstance(implicit, dict) and implicit.get("reference") in PROTECTED \
+                and implicit.get("policy") != implicit.get("reference"):
             return f"guard (implicit scorer, protected reference): {implicit}"
     return None
 

@@ -244,3 +244,17 @@ def test_a_batch_that_can_never_fit_is_a_400_not_a_503(server):
     r = post(server, {"model": "base", "prompt": [[5]] * 97, "max_tokens": 1})  # max_queue 64 + 32 sequences
     assert r.status_code == 400 and error(r)["param"] == "prompt" and "never fit" in error(r)["message"]
     assert post(server, {"model": "base", "prompt": [[5]] * 8, "max_tokens": 1}).status_code == 200
+
+
+def test_sse_events_escape_what_line_splitters_take_for_line_ends():
+    from pydantic import BaseModel
+
+    from policymix.api.serving import _data
+
+    class Chunk(BaseModel):
+        text: str
+
+    text = "a\u2028b\u2029c\x85d"
+    event = _data(Chunk(text=text))
+    assert len(event.splitlines()) == 2 and event.endswith("\n\n")  # one data line, then the blank line
+    assert json.loads(event[len("data: "):])["text"] == text

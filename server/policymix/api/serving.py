@@ -385,9 +385,14 @@ def _engine_failure(done: RequestDone) -> PolicymixError:
     return engine_error(done.error_kind or ErrorKind.INTERNAL, done.error, done.error_code)
 
 
+# characters that some clients' line splitters take for line ends (Python's str.splitlines, httpx's
+# aiter_lines): escaped in the JSON, where they can only stand inside strings, so every event is one line
+_LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+
+
 def _data(obj: Any) -> str:
     if isinstance(obj, BaseModel):
-        return f"data: {obj.model_dump_json(exclude_unset=True)}\n\n"
+        return f"data: {obj.model_dump_json(exclude_unset=True).translate(_LINE_BREAKS)}\n\n"
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
