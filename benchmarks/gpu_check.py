@@ -185,14 +185,14 @@ def adapter_mixture(base, tok, prompts, max_new: int, concs=(1, 16)) -> dict:
     except ImportError as err:
         return {"skipped": f"peft is not installed ({err})"}
     from benchmarks.engine_bench import registry_from_models, run_engine
-    from policymix.adapters import AdapterView
+    from policymix.adapters import AdapterView, group_adapters
 
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = peft.get_peft_model(base, peft.LoraConfig(r=16, target_modules=targets, init_lora_weights=False),
                                 adapter_name="a0")
     for i in (1, 2):
         model.add_adapter(f"a{i}", peft.LoraConfig(r=16, target_modules=targets, init_lora_weights=False))
-    model.to(device=DEVICE, dtype=DTYPE).eval()
+    model = group_adapters(model.to(device=DEVICE, dtype=DTYPE).eval())  # as the registry serves them
     names = ["base", "a0", "a1", "a2"]
     reg = registry_from_models({n: model for n in names}, tok, max_num_seqs=128, device=DEVICE, dtype=DTYPE,
                                decode="dynamic")
@@ -205,6 +205,8 @@ def adapter_mixture(base, tok, prompts, max_new: int, concs=(1, 16)) -> dict:
         one = run_engine(reg, {"base": 1.0}, prompts[: max(c, 2)], max_new, c, sync=_sync)
         mix = run_engine(reg, {"base": 0.4, "a0": 0.3, "a1": 0.2, "a2": 0.1}, prompts[: max(c, 2)], max_new, c,
                          sync=_sync)
+        if not (one.tokens and mix.tokens):
+            raise RuntimeError(f"requests failed at c{c}: {one.tokens} and {mix.tokens} tokens generated")
         out[f"c{c}"] = {"base_tok_s": one.tok_s, "mixture_tok_s": mix.tok_s, "mixture_cost": one.tok_s / mix.tok_s}
     return out
 

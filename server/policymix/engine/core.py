@@ -92,11 +92,9 @@ class EngineCore:
         spec = srv.speculative
         self.speculator = Speculator(self.drafters, spec.max_concurrency if spec else DEFAULT_MAX_CONCURRENCY,
                                      spec.adaptive if spec else True)
-        # a runner's budget is its policies' (kv_budget_tokens is per policy; a shared runner holds them all)
-        kv_budget = {n: len(registry.runner_policies(n)) * (
-            srv.kv_budget_tokens or srv.max_num_seqs * registry.max_model_len(registry.policies[n].family))
-            for n in self.runners}
-        kv_budget.update({drafter_key(n): budget for n, budget in kv_budget.items()})
+        # KV budgets are per policy (a shared runner's cache holds the cells of each of its policies)
+        kv_budget = {n: srv.kv_budget_tokens or srv.max_num_seqs * registry.max_model_len(p.family)
+                     for n, p in registry.policies.items()}
         self.scheduler = Scheduler({**self.runners, **self.drafters}, kv_budget,
                                    srv.max_num_seqs, srv.max_queue, lambda name: registry.policies[name].tokenizer)
         self.parallel = _parallel_forwards(srv.policy_parallel, self.runners)

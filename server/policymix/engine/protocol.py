@@ -287,11 +287,17 @@ class RequestPlan:
     def candidates(self) -> int:
         return self.sampling.candidates
 
-    def reserved_tokens(self, runner: str) -> int:
-        """KV cells the request may need in ``runner``'s cache (every candidate's prompt and output, in each of
-        its contexts there: each policy's own and its prompt variants')."""
+    def reserved_tokens(self, policy: str) -> int:
+        """KV cells the request may need for ``policy`` (every candidate's prompt and output, in each of its
+        contexts: the policy's own and its prompt variants'), wherever its runner holds them: KV budgets are
+        per policy (``server.kv_budget_tokens``), also where policies share a runner."""
         return sum(self.candidates * (len(prompt) + self.sampling.max_tokens)
-                   for stream, prompt in self.prompts.items() if self.runner(stream) == runner)
+                   for stream, prompt in self.prompts.items() if self.policy_of(stream) == policy)
+
+    @cached_property  # read every step; a plan does not change
+    def budgeted(self) -> list[str]:
+        """The policies whose KV budgets the request draws on (each stream's served policy)."""
+        return list(dict.fromkeys(self.policy_of(s) for s in self.prompts))
 
     @cached_property  # read every step; a plan does not change
     def runners(self) -> list[str]:

@@ -64,7 +64,7 @@ class Scheduler:
 
     def check_budget(self, state: RequestState) -> None:
         """A request that could never fit its policies' KV budgets is bad input, not a wait."""
-        for p in state.plan.runners:
+        for p in state.plan.budgeted:
             if state.reserved_tokens(p) > self.kv_budget[p]:
                 raise PolicymixError(
                     f"the request needs {state.reserved_tokens(p)} KV-cache tokens of policy {p} "
@@ -106,14 +106,14 @@ class Scheduler:
                 self.fail(state, ErrorKind.OVERLOADED, "the request waited in the queue longer than its deadline",
                           "queue_timeout")
                 continue
-            fits = all(self.reserved[p] + state.reserved_tokens(p) <= self.kv_budget[p] for p in state.plan.runners)
+            fits = all(self.reserved[p] + state.reserved_tokens(p) <= self.kv_budget[p] for p in state.plan.budgeted)
             if self.running_seqs + state.best_of > self.max_num_seqs or not fits:
                 break
             self.waiting.popleft()
             if not self._grow_caches(state):
                 continue
             self.running_seqs += state.best_of
-            for p in state.plan.runners:
+            for p in state.plan.budgeted:
                 self.reserved[p] += state.reserved_tokens(p)
             state.status = Status.RUNNING
             leader = self._new_sequence(state, 0)
@@ -218,7 +218,7 @@ class Scheduler:
         if state in self.running:
             del self.running[state]
             self.running_seqs -= state.best_of
-            for p in state.plan.runners:
+            for p in state.plan.budgeted:
                 self.reserved[p] -= state.reserved_tokens(p)
         state.status = Status.FINISHED
 
