@@ -335,21 +335,37 @@ def test_arm_report_runs_end_to_end_on_the_tiny_family(tiny_dir, tmp_path):
     from policymix.lab import arm_report
 
     out = tmp_path / "docs"
-    code = arm_report.main(["--base", str(tiny_dir / "base"), "--work", str(tmp_path / "work"), "--out-dir", str(out),
-                            "--steps", "1", "--batch-size", "2", "--prompts", "18", "--max-tokens", "3",
-                            "--diag-every", "1", "--betas", "1,0.5"])
-    assert code == 0
+    argv = ["--base", str(tiny_dir / "base"), "--work", str(tmp_path / "work"), "--out-dir", str(out),
+            "--steps", "1", "--batch-size", "2", "--prompts", "18", "--max-tokens", "3", "--diag-every", "1",
+            "--betas", "1,0.5", "--arm-betas", "0.5,2"]
+    assert arm_report.main(argv) == 0
     report = json.loads((out / "arm.json").read_text())
     assert report["settings"]["held_pairs"] == 25 and report["accuracy"]["pairs"] == 25
-    assert list(report["results"]) == ["base", "DPO-concise", "ARM beta=1", "ARM beta=0.5"]
-    assert report["results"]["ARM beta=0.5"]["weights"] == {"base": 1.0, "arm": 2.0}
+    assert set(report["accuracy"]) == {"base", "arm-b0.5", "arm-b2", "dpo_implicit", "pairs"}
+    assert list(report["results"]) == ["base", "DPO-concise", "arm-b0.5, beta=1", "arm-b0.5, beta=0.5",
+                                       "arm-b2, beta=0.5"]
+    assert report["results"]["arm-b0.5, beta=0.5"]["weights"] == {"base": 1.0, "arm-b0.5": 2.0}
     assert all(len(r["answers"]) == 18 for r in report["results"].values())
     assert len(set(report["prompts"])) == 18 and report["prompts"][:16] == arm_report.EVAL_PROMPTS
+    assert not any(t["reused"] for t in report["timings"]["train"].values())
+    meta = json.loads((tmp_path / "work" / "arm-concise-b2" / "policymix.json").read_text())
+    assert meta["kind"] == "arm" and meta["beta"] == 2.0
     md = (out / "arm.md").read_text()
-    assert "| ARM beta=0.5 | base: 1, arm: 2 |" in md and "Held-out pair accuracy (25 pairs)" in md
+    assert "| arm-b0.5, beta=0.5 | base: 1, arm-b0.5: 2 |" in md and "## Held-out pairs (25 pairs)" in md
     for png in ("arm.png", "entanglement-concise-arm.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (out / "arm.md").unlink()
     assert arm_report.main(["--out-dir", str(out), "--render-only"]) == 0 and (out / "arm.md").read_text() == md
     train = [json.loads(x)["prompt"] for x in (tmp_path / "work" / "train.jsonl").read_text().splitlines()]
     assert not set(train) & set(report["prompts"])  # no prompt of the generation was trained on
+
+    # a second run reuses the trained folders (same settings) and measures the same
+    assert arm_report.main(argv) == 0
+    again = json.loads((out / "arm.json").read_text())
+    assert all(t["reused"] for t in again["timings"]["train"].values())
+    assert again["accuracy"] == report["accuracy"]
+    assert {k: r["answers"] for k, r in again["results"].items()} == {k: r["answers"] for k, r in report["results"].items()}
+    # other settings train again
+    assert arm_report.main([*argv[:-2], "--arm-betas", "0.5", "--lr", "1e-3"]) == 0
+    third = json.loads((out / "arm.json").read_text())
+    assert not any(t["reused"] for t in third["timings"]["train"].values())

@@ -3,14 +3,17 @@
 ``python -m policymix.lab.arm_report`` (or ``make arm-report``):
 
 1. splits ``data/prefs/concise.jsonl`` into training pairs and held-out pairs (every ``--hold-every``-th);
-2. trains, on the training pairs only, a DPO policy (``policymix train dpo``) and an autoregressive
-   reward model (``policymix train arm``), both LoRA on the embedded SmolLM2-135M-Instruct, same steps;
-3. measures the held-out pair accuracy of the ARM (``sum_t log pi_r(y_w) > sum_t log pi_r(y_l)``), and
-   for comparison of the untrained base read as an ARM and of the DPO policy's implicit reward;
-4. serves base, DPO and ARM in one registry and generates greedily on held-out prompts (the lab's 16
-   ``EVAL_PROMPTS``, then prompts of held-out pairs) with the base alone, the DPO policy alone, and
-   ``mixture.arm`` at each ``--betas``: mean response length and the implicit reward of the DPO pair
-   ``beta * (log pi_dpo - log pi_base)`` summed over the response;
+2. trains, on the training pairs only, a DPO policy (``policymix train dpo``) and autoregressive reward
+   models (``policymix train arm``) at each ``--arm-betas`` (beta_r), all LoRA on the embedded
+   SmolLM2-135M-Instruct with the same steps; a folder that already holds a run with the same settings
+   is reused (its training time is the one its ``policymix.json`` recorded);
+3. measures held-out pair accuracy and mean margin: each ARM's (``sum_t log pi_r(y_w) - sum_t log
+   pi_r(y_l)``), the untrained base's read the same way, and the DPO policy's implicit reward's;
+4. serves base, DPO and the ARMs in one registry and generates greedily on held-out prompts (the lab's
+   16 ``EVAL_PROMPTS``, then prompts of held-out pairs) with the base alone, the DPO policy alone, and
+   ``mixture.arm`` with the first ARM at each ``--betas`` (the other ARMs at the smallest): mean response
+   length and the implicit reward of the DPO pair ``beta * (log pi_dpo - log pi_base)`` summed over the
+   response;
 5. writes ``arm.md``, ``arm.json`` and ``arm.png`` (and the ARM run's entanglement plot) to ``--out-dir``.
 """
 
@@ -45,8 +48,10 @@ def held_out_prompts(held: list[dict], n: int) -> list[str]:
     return prompts[:n]
 
 
-def pair_accuracy(base: Path | str, folders: dict[str, Path], pairs_file: Path, dpo_beta: float) -> dict[str, float]:
-    """Held-out accuracy: the ARM's and the base's summed log-probs, the DPO policy's implicit reward margin.
+def pair_accuracy(base: Path | str, arms: dict[str, Path], dpo_folder: Path, pairs_file: Path,
+                  dpo_beta: float) -> dict[str, dict]:
+    """Held-out accuracy and mean margin per scorer: each ARM's and the base's summed log-probs, and the DPO
+    policy's implicit reward ``beta * log pi_dpo / pi_base``.
 
     The pairs go through the trainer's own tokenization (TRL's, chat template), so the sequences scored
     are exactly those a training step would see.
@@ -72,13 +77,20 @@ def pair_accuracy(base: Path | str, folders: dict[str, Path], pairs_file: Path, 
             model = PeftModel.from_pretrained(model, adapter)
         return sequence_logps(model.eval(), *seqs)  # [2n]: chosen rows, then rejected rows
 
-    base_lp, arm_lp, dpo_lp = logps(None), logps(folders["arm"]), logps(folders["dpo"])
-    implicit = dpo_beta * (dpo_lp - base_lp)
-    acc = lambda s: round(float((s[:n] > s[n:]).float().mean()), 4)  # noqa: E731
-    return {"arm": acc(arm_lp), "base_as_arm": acc(base_lp), "dpo_implicit": acc(implicit), "pairs": n}
+    def summary(score: torch.Tensor) -> dict:
+        margin = score[:n] - score[n:]
+        return {"accuracy": round(float((margin > 0).float().mean()), 4), "mean_margin": round(float(margin.mean()), 3)}
+
+    base_lp = logps(None)
+    out = {"base": summary(base_lp)}
+    for name, folder in arms.items():
+        out[name] = summary(logps(folder))
+    out["dpo_implicit"] = summary(dpo_beta * (logps(dpo_folder) - base_lp))
+    out["pairs"] = n
+    return out
 
 
-def generate(base: Path | str, folders: dict[str, Path], prompts: list[str], recipes: dict[str, dict],
+def generate(base: Path | str, dpo_folder: Path, arms: dict[str, Path], prompts: list[str], recipes: dict[str, dict],
              max_tokens: int, dpo_beta: float) -> dict[str, dict]:
     """Per recipe: mean words, mean tokens, mean implicit reward of the DPO pair, and the answers (greedy)."""
     from ..config import parse_config
@@ -87,8 +99,8 @@ def generate(base: Path | str, folders: dict[str, Path], prompts: list[str], rec
 
     cfg = parse_config({"policies": {
         "base": {"path": str(base)},
-        "dpo": {"path": str(base), "adapter": str(folders["dpo"]), "reference": "base"},
-        "arm": {"path": str(base), "adapter": str(folders["arm"])},
+        "dpo": {"path": str(base), "adapter": str(dpo_folder), "reference": "base"},
+        **{name: {"path": str(base), "adapter": str(folder)} for name, folder in arms.items()},
     }})
     registry = load_registry(cfg)
     scorer = parse_scorer(f"implicit:dpo,base,{dpo_beta}")
@@ -117,7 +129,7 @@ def plot(results: dict[str, dict], png: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, r in results.items():
-        color = "tab:blue" if name.startswith("ARM") else "tab:orange" if name.startswith("DPO") else "tab:gray"
+        color = "tab:blue" if name.startswith("arm") else "tab:orange" if name.startswith("DPO") else "tab:gray"
         ax.scatter(r["mean_words"], r["mean_implicit_reward"], s=60, color=color)
         ax.annotate(name, (r["mean_words"], r["mean_implicit_reward"]), textcoords="offset points", xytext=(6, 4),
                     fontsize=9)
@@ -142,25 +154,51 @@ def _table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def _accuracy_table(acc: dict, s: dict) -> str:
+    lines = ["| scorer | accuracy | mean margin |", "|---|---|---|"]
+    lines.append(f"| the untrained base read as an ARM: `sum_t log pi_base(y_w) - sum_t log pi_base(y_l)` "
+                 f"| {acc['base']['accuracy']:.1%} | {acc['base']['mean_margin']} nats |")
+    for name, br in s["arm_policies"].items():
+        lines.append(f"| ARM `{name}` (beta_r {br:g}): `sum_t log pi_arm(y_w) - sum_t log pi_arm(y_l)` "
+                     f"| {acc[name]['accuracy']:.1%} | {acc[name]['mean_margin']} nats |")
+    lines.append(f"| DPO's implicit reward `{s['dpo_beta']} * log pi_dpo/pi_base`, margin | "
+                 f"{acc['dpo_implicit']['accuracy']:.1%} | {acc['dpo_implicit']['mean_margin']} |")
+    return "\n".join(lines)
+
+
+def _time_table(t: dict, s: dict, decodings: int) -> str:
+    lines = ["| phase | wall time |", "|---|---|"]
+    for name, tr in t["train"].items():
+        note = " (reused: trained by an earlier run with the same settings; its time)" if tr["reused"] else ""
+        lines.append(f"| training `{name}` ({s['steps']} steps){note} | {tr['seconds']} s |")
+    lines += [f"| held-out pair scoring | {t['accuracy']} s |",
+              f"| generation ({decodings} decodings x {s['prompts']} prompts) | {t['generate']} s |",
+              f"| **this run** | **{t['total']} s ({t['total'] / 60:.1f} min)** |",
+              f"| all of it, reused training included | {t['all']} s ({t['all'] / 60:.1f} min) |"]
+    return "\n".join(lines)
+
+
 def write_markdown(path: Path, report: dict) -> None:
     s, acc, t = report["settings"], report["accuracy"], report["timings"]
     first = {name: r["answers"][0] for name, r in report["results"].items()}
     examples = "\n".join(f"- {name}: {json.dumps(text, ensure_ascii=False)}" for name, text in first.items())
+    guide = next(iter(s["arm_policies"]))
     text = f"""# An autoregressive reward model guiding SmolLM2 (GenARM), against DPO
 
 Produced by `{s['command']}` (`policymix.lab.arm_report`; every number below is from that run).
-The ARM is LoRA on `{s['base']}` (`embedded`: SmolLM2-135M-Instruct) trained with `policymix train arm` (the
-reference-free Bradley-Terry loss over summed token log-probabilities); the DPO policy is trained with
-`policymix train dpo` on the same pairs with the same steps. Guidance is the `mixture.arm` recipe,
-`pi_base * pi_arm^(1/beta)`, i.e. the weights `{{base: 1, arm: 1/beta}}`.
+ARMs are LoRA adapters of `{s['base']}` (`embedded`: SmolLM2-135M-Instruct) trained with
+`policymix train arm` (the reference-free Bradley-Terry loss over summed token log-probabilities,
+`-log sigmoid(beta_r * (r(y_w) - r(y_l)))`); the DPO policy is trained with `policymix train dpo` on the
+same pairs with the same steps. Guidance is the `mixture.arm` recipe, `pi_base * pi_arm^(1/beta)`, i.e.
+the weights `{{base: 1, arm: 1/beta}}`, here with `{guide}`.
 
 ## Setup
 
 - Pairs: `data/prefs/concise.jsonl` ({s['pairs']} pairs), every {s['hold_every']}th held out:
   {s['train_pairs']} for training, {s['held_pairs']} held out.
-- Training (both): {s['steps']} steps x {s['batch_size']} pairs, LoRA r 8 all-linear, AdamW lr {s['lr']},
-  linear decay, beta {s['beta']} (DPO's KL coefficient; the ARM's beta_r); the ARM run logs its
-  diagnostics every {s['diag_every']} steps (the DPO run none, to save time).
+- Training (each): {s['steps']} steps x {s['batch_size']} pairs, LoRA r 8 all-linear, AdamW lr {s['lr']},
+  linear decay. DPO: beta {s['dpo_beta']}. ARMs: beta_r {", ".join(f"{b:g}" for b in s["arm_policies"].values())}; the
+  ARM runs log their diagnostics every {s['diag_every']} steps (the DPO run none, to save time).
 - Generation: {s['prompts']} held-out prompts (the lab's 16 `EVAL_PROMPTS`, then prompts of held-out
   pairs), chat template, greedy, {s['max_tokens']} new tokens at most, through the native engine.
 - Implicit reward of the DPO pair: `{s['dpo_beta']} * (log pi_dpo(y|x) - log pi_base(y|x))` summed over
@@ -170,13 +208,9 @@ reference-free Bradley-Terry loss over summed token log-probabilities); the DPO 
   the lab's demo policies (20 steps at lr 3e-4), with a larger learning rate for about the same total
   step under linear decay. Larger runs: `make arm-report ARM_REPORT_ARGS="--steps 20 --lr 3e-4"`.
 
-## Held-out pair accuracy ({acc['pairs']} pairs)
+## Held-out pairs ({acc['pairs']} pairs)
 
-| scorer | accuracy |
-|---|---|
-| ARM: `sum_t log pi_arm(y_w) > sum_t log pi_arm(y_l)` | {acc['arm']:.1%} |
-| the untrained base read as an ARM (`sum_t log pi_base`) | {acc['base_as_arm']:.1%} |
-| DPO's implicit reward `beta log pi_dpo/pi_base` | {acc['dpo_implicit']:.1%} |
+{_accuracy_table(acc, s)}
 
 ## Length and the DPO pair's implicit reward on {s['prompts']} held-out prompts
 
@@ -188,22 +222,32 @@ First prompt ({json.dumps(report['prompts'][0])}):
 
 {examples}
 
-The ARM's training diagnostics (gradient entanglement against a zero reference, as `train dpo`
+The training diagnostics of `{guide}` (gradient entanglement against a zero reference, as `train dpo`
 measures them): ![ARM entanglement](entanglement-concise-arm.png)
 
 ## Time
 
-| phase | wall time |
-|---|---|
-| DPO training ({s['steps']} steps) | {t['train_dpo']} s |
-| ARM training ({s['steps']} steps) | {t['train_arm']} s |
-| held-out pair accuracy | {t['accuracy']} s |
-| generation ({len(report['results'])} decodings x {s['prompts']} prompts) | {t['generate']} s |
-| **total** | **{t['total']} s ({t['total'] / 60:.1f} min)** |
+{_time_table(t, s, len(report['results']))}
 
 Raw numbers and every answer: [arm.json](arm.json).
 """
     path.write_text(text, encoding="utf-8")
+
+
+def _reusable(folder: Path, kind: str, beta: float, args: argparse.Namespace, pairs: Path) -> dict | None:
+    """The ``policymix.json`` of a finished run in ``folder`` with exactly these settings, else None."""
+    meta_file, targs = folder / "policymix.json", folder / "training_args.bin"
+    if not (meta_file.is_file() and targs.is_file() and (folder / "adapter_model.safetensors").is_file()):
+        return None
+    import torch
+
+    meta = json.loads(meta_file.read_text())
+    trained = torch.load(targs, weights_only=False)  # the run's own TrainingArguments (this cache's file)
+    same = (meta.get("kind", "dpo") == kind and meta.get("beta") == beta and meta.get("steps") == args.steps
+            and meta.get("pairs") == str(pairs.resolve()) and trained.learning_rate == args.lr
+            and trained.per_device_train_batch_size == args.batch_size and trained.max_steps == args.steps
+            and trained.seed == 0 and meta.get("reference_spec", meta.get("base_spec")) == args.base)
+    return meta if same else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,8 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--beta", type=float, default=0.1, help="DPO's beta and the ARM's beta_r")
-    p.add_argument("--diag-every", type=int, default=5, help="the ARM run's diagnostics (the DPO run has none)")
+    p.add_argument("--beta", type=float, default=0.1, help="DPO's beta")
+    p.add_argument("--arm-betas", default="0.01,0.1",
+                   help="beta_r of each ARM trained; the first guides the base at every --betas")
+    p.add_argument("--diag-every", type=int, default=5, help="the ARM runs' diagnostics (the DPO run has none)")
     p.add_argument("--betas", default="1,0.5,0.25", help="decoding betas of mixture.arm")
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=64)
@@ -242,53 +288,67 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     records = load_pairs(args.pairs)
     train, held = split(records, args.hold_every)
-    write_pairs(work / "train.jsonl", train)
+    pairs = work / "train.jsonl"
+    write_pairs(pairs, train)
     write_pairs(work / "heldout.jsonl", held)
     prompts = held_out_prompts(held, args.prompts)
 
     from . import arm, dpo
     from .base import resolve_base
 
-    common = ["--base", args.base, "--pairs", str(work / "train.jsonl"), "--beta", str(args.beta),
-              "--lr", str(args.lr), "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
-              "--save-steps", str(max(args.steps, 1)), "--threads", str(args.threads)]
-    folders = {"dpo": work / "dpo-concise", "arm": work / "arm-concise"}
-    diag = {"dpo": "0", "arm": str(args.diag_every)}
-    timings = {}
-    for kind, main_ in (("dpo", dpo.main), ("arm", arm.main)):
-        t0 = time.perf_counter()
-        if main_([*common, "--diag-every", diag[kind], "--out", str(folders[kind])]) != 0:
-            return 1
-        timings[f"train_{kind}"] = round(time.perf_counter() - t0, 1)
+    arm_betas = [float(x) for x in args.arm_betas.split(",")]
+    arms = {f"arm-b{b:g}": work / f"arm-concise-b{b:g}" for b in arm_betas}
+    runs = [("dpo", args.beta, work / "dpo-concise", dpo.main, 0)]
+    runs += [("arm", b, folder, arm.main, args.diag_every) for b, folder in zip(arm_betas, arms.values())]
+    train_times = {}
+    for (kind, beta, folder, main_, diag), name in zip(runs, ["dpo", *arms]):
+        meta = _reusable(folder, kind, beta, args, pairs)
+        if meta is None:
+            cmd = ["--base", args.base, "--pairs", str(pairs), "--beta", str(beta), "--lr", str(args.lr),
+                   "--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--diag-every", str(diag),
+                   "--save-steps", str(max(args.steps, 1)), "--threads", str(args.threads), "--out", str(folder)]
+            t0 = time.perf_counter()
+            if main_(cmd) != 0:
+                return 1
+            train_times[name] = {"seconds": round(time.perf_counter() - t0, 1), "reused": False}
+        else:
+            print(f"reusing {folder} (trained with the same settings)", flush=True)
+            train_times[name] = {"seconds": meta["train_seconds"], "reused": True}
     base = resolve_base(args.base)
 
     t0 = time.perf_counter()
-    accuracy = pair_accuracy(base, folders, work / "heldout.jsonl", args.beta)
-    timings["accuracy"] = round(time.perf_counter() - t0, 1)
-    print(f"held-out pair accuracy: {accuracy}", flush=True)
+    accuracy = pair_accuracy(base, arms, work / "dpo-concise", work / "heldout.jsonl", args.beta)
+    accuracy_s = round(time.perf_counter() - t0, 1)
+    print(f"held-out pairs: {accuracy}", flush=True)
 
+    betas = [float(x) for x in args.betas.split(",")]
+    guide, *others = arms
     recipes = {"base": {"weights": {"base": 1.0}}, "DPO-concise": {"weights": {"dpo": 1.0}}}
-    for b in (float(x) for x in args.betas.split(",")):
-        recipes[f"ARM beta={b:g}"] = {"arm": {"base": "base", "arms": {"arm": 1.0}, "beta": b}}
+    for b in betas:
+        recipes[f"{guide}, beta={b:g}"] = {"arm": {"base": "base", "arms": {guide: 1.0}, "beta": b}}
+    for name in others:
+        recipes[f"{name}, beta={min(betas):g}"] = {"arm": {"base": "base", "arms": {name: 1.0}, "beta": min(betas)}}
     t0 = time.perf_counter()
-    results = generate(base, folders, prompts, recipes, args.max_tokens, args.beta)
-    timings["generate"] = round(time.perf_counter() - t0, 1)
-    timings["total"] = round(time.perf_counter() - started, 1)
-    timings["load_before"], timings["load_after"] = load_before, round(os.getloadavg()[0], 2)
+    results = generate(base, work / "dpo-concise", arms, prompts, recipes, args.max_tokens, args.beta)
+    total = round(time.perf_counter() - started, 1)
+    timings = {"train": train_times, "accuracy": accuracy_s, "generate": round(time.perf_counter() - t0, 1),
+               "total": total, "load_before": load_before, "load_after": round(os.getloadavg()[0], 2),
+               "all": round(total + sum(t["seconds"] for t in train_times.values() if t["reused"]), 1)}
 
     command = "python -m policymix.lab.arm_report" + (" " + " ".join(argv) if argv else "")
-    settings = {"command": command, "base": args.base, "pairs": len(records), "hold_every": args.hold_every, "train_pairs": len(train),
-                "held_pairs": len(held), "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-                "beta": args.beta, "dpo_beta": args.beta, "diag_every": args.diag_every, "prompts": len(prompts),
-                "max_tokens": args.max_tokens, "threads": args.threads, "cpus": os.cpu_count()}
+    settings = {"command": command, "base": args.base, "pairs": len(records), "hold_every": args.hold_every,
+                "train_pairs": len(train), "held_pairs": len(held), "steps": args.steps, "batch_size": args.batch_size,
+                "lr": args.lr, "dpo_beta": args.beta, "arm_policies": dict(zip(arms, arm_betas)),
+                "diag_every": args.diag_every, "prompts": len(prompts), "max_tokens": args.max_tokens,
+                "threads": args.threads, "cpus": os.cpu_count()}
     report = {"settings": settings, "accuracy": accuracy, "timings": timings, "prompts": prompts, "results": results}
     (out_dir / "arm.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     plot(results, out_dir / "arm.png", _plot_title(report))
-    ent = folders["arm"] / "entanglement.png"
+    ent = arms[guide] / "entanglement.png"
     if ent.is_file():
         (out_dir / "entanglement-concise-arm.png").write_bytes(ent.read_bytes())
     write_markdown(out_dir / "arm.md", report)
-    print(f"wrote {out_dir / 'arm.md'}, arm.json, arm.png in {timings['total']} s")
+    print(f"wrote {out_dir / 'arm.md'}, arm.json, arm.png in {total} s")
     return 0
 
 
