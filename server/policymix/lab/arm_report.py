@@ -183,10 +183,12 @@ def write_markdown(path: Path, report: dict) -> None:
     first = {name: r["answers"][0] for name, r in report["results"].items()}
     examples = "\n".join(f"- {name}: {json.dumps(text, ensure_ascii=False)}" for name, text in first.items())
     guide = next(iter(s["arm_policies"]))
+    base = "the embedded SmolLM2-135M-Instruct" if s["base"] == "embedded" else f"`{s['base']}`"
     text = f"""# An autoregressive reward model guiding SmolLM2 (GenARM), against DPO
 
-Produced by `{s['command']}` (`policymix.lab.arm_report`; every number below is from that run).
-ARMs are LoRA adapters of `{s['base']}` (`embedded`: SmolLM2-135M-Instruct) trained with
+Produced by `{s['command']}` (`policymix.lab.arm_report`, `make arm-report`; every number below is
+from that run, and [lab.md](../lab.md#autoregressive-reward-models-genarm) discusses them).
+ARMs are LoRA adapters of {base} trained with
 `policymix train arm` (the reference-free Bradley-Terry loss over summed token log-probabilities,
 `-log sigmoid(beta_r * (r(y_w) - r(y_l)))`); the DPO policy is trained with `policymix train dpo` on the
 same pairs with the same steps. Guidance is the `mixture.arm` recipe, `pi_base * pi_arm^(1/beta)`, i.e.
