@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install install-serve install-lab install-vllm install-browser install-replicas serve test test-fast bench bench-quick fuzz demo demo-policies clean
+.PHONY: install install-serve install-lab install-vllm install-browser install-replicas serve test test-fast bench bench-quick fuzz demo demo-policies arm-report clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -86,3 +86,8 @@ demo-policies: install-lab
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# docs/lab/arm.md (+ arm.json, arm.png): an ARM and a DPO policy on the concise set, the ARM guiding
+# the base at 3 betas (policymix.lab.arm_report; trained policies in .cache/arm-report).
+arm-report: install-lab
+	$(BIN)/python -m policymix.lab.arm_report $(ARM_REPORT_ARGS)

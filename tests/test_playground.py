@@ -361,6 +361,29 @@ def test_four_recipe_forms_compile_as_the_api_does(server, browser):
         assert page.shown_weights(col) == pytest.approx(answer["policymix"]["weights"], abs=5e-4)
 
 
+def test_arm_form_sends_the_recipe_the_api_compiles(server, browser):
+    page = Page(browser, server)
+    page.keep_columns(1)
+    page.set("endpoint", "completions")
+    page.set("prompt", PROMPT)
+    page.set("max-tokens", 6)
+    page.set("temperature", 0)
+    page.set("best-of", 1)
+    page.recipe(0, "arm", Base="base")
+    page.weight(0, "dpo", 0.5)
+    page.weight(0, "base", 2)  # the base's own slider is skipped: it is the base (weight 1)
+    page.slider(0, 0.25)
+    page.run()
+    body = {"model": "base", "mixture": {"arm": {"base": "base", "arms": {"dpo": 0.5}, "beta": 0.25}}}
+    col = page.column(0)
+    sent = snippet_body(col.find_element("css selector", ".snippet-curl").get_attribute("textContent"))
+    assert {k: sent.get(k) for k in body} == body
+    answer = api(server, "completions", {**body, "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "seed": 1}).json()
+    assert answer["policymix"]["weights"] == pytest.approx({"base": 1.0, "dpo": 2.0})
+    assert page.text(col) == answer["choices"][0]["text"]
+    assert page.shown_weights(col) == pytest.approx(answer["policymix"]["weights"], abs=5e-4)
+
+
 def test_chat_with_a_system_prompt_and_context_aware_decoding(server, browser):
     page = Page(browser, server)
     page.keep_columns(2)

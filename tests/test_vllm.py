@@ -33,6 +33,7 @@ RECIPES = [  # (model, mixture): every recipe form
     ("dpo", {"reference": "base", "policy": "dpo", "beta": 0.1, "beta_prime": 0.05}),  # DeRa
     ("base", {"proxy": {"base": "base", "tuned": "dpo", "untuned": "small", "alpha": 1.0}}),  # proxy tuning
     ("dpo-soft", None),  # named
+    ("base", {"arm": {"base": "base", "arms": {"dpo": 1.0, "small": -0.5}, "beta": 2.0}}),  # GenARM guidance
 ]
 PROMPTS = ["Hello world", "Paris is the capital", "A policy is", "The quick brown fox jumps over",
            "Numbers: 1 2 3", "Alignment researchers tune", "How are you today?", "café naïve"]

@@ -98,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     # listed here for --help; main() hands its arguments to policymix.sweep unparsed
     sub.add_parser("sweep", add_help=False, help="reward and KL-to-reference over mixture weights "
                    "(policymix sweep --help)")
-    sub.add_parser("train", add_help=False, help="train policies to mix: `policymix train dpo --help` "
-                   "(needs the lab extra: make install-lab)")
+    sub.add_parser("train", add_help=False, help="train policies to mix: `policymix train dpo --help`, "
+                   "`policymix train arm --help` (needs the lab extra: make install-lab)")
     return p
 
 
@@ -110,12 +110,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return sweep_main(argv[1:])
     if argv[:1] == ["train"]:
-        if argv[1:2] != ["dpo"]:
-            print("policymix train: error: the trainer to run is `dpo` (policymix train dpo --help)", file=sys.stderr)
-            return EXIT_USAGE
-        from .lab.dpo import main as dpo_main
+        if argv[1:2] == ["dpo"]:
+            from .lab.dpo import main as dpo_main
 
-        return dpo_main(argv[2:])
+            return dpo_main(argv[2:])
+        if argv[1:2] == ["arm"]:
+            from .lab.arm import main as arm_main
+
+            return arm_main(argv[2:])
+        print("policymix train: error: the trainer to run is `dpo` or `arm` (policymix train dpo --help)",
+              file=sys.stderr)
+        return EXIT_USAGE
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

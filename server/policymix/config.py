@@ -86,12 +86,20 @@ class ContextAwareSpec(_Strict):
     drop: Literal["system", "context"] = "context"  # context: every message but the last user turn
 
 
+class ArmSpec(_Strict):
+    """GenARM guidance: ``base: 1`` plus each autoregressive reward model at ``weight / beta``."""
+
+    base: str
+    arms: dict[str, float]  # ARM policy -> weight (several: multi-objective guidance)
+    beta: float  # the decoding KL coefficient: samples from pi_base * prod_i pi_arm_i^(weight_i / beta)
+
+
 class Recipe(_Strict):
     """A mixing recipe as written in a request's ``mixture`` or under ``mixtures:`` in the config.
 
     Exactly one form: ``weights``; ``reference`` + ``objectives`` (MOD, optionally with ``beta`` and
     ``beta_prime``); ``reference`` + ``policy`` + ``beta`` + ``beta_prime`` (DeRa); ``proxy``;
-    ``guidance``; ``context_aware``. ``prompt_variants`` names served policies under other contexts,
+    ``guidance``; ``context_aware``; ``arm``. ``prompt_variants`` names served policies under other contexts,
     usable like policies in ``weights``, ``objectives`` and ``proxy``.
     Forms are checked by :func:`policymix.mixing.recipes.compile_recipe`, which names the field.
     """
@@ -106,6 +114,7 @@ class Recipe(_Strict):
     prompt_variants: dict[str, VariantSpec] | None = None
     guidance: GuidanceSpec | None = None
     context_aware: ContextAwareSpec | None = None
+    arm: ArmSpec | None = None
 
 
 class ApiKeySpec(_Strict):

@@ -1,4 +1,4 @@
-"""The alignment lab: DPO training that produces mixable policies, with gradient-entanglement diagnostics.
+"""The alignment lab: DPO policies and autoregressive reward models to mix, with gradient-entanglement diagnostics.
 
 Modules (one concept each):
 - ``pairs``: read and validate a preference-pairs JSONL file before any training starts.
@@ -9,6 +9,8 @@ Modules (one concept each):
 - ``plots``: the diagnostics as a PNG.
 - ``synth``: the rule-based synthetic preference sets shipped in ``data/prefs``.
 - ``dpo``: the ``policymix train dpo`` command (``main(argv)``).
+- ``arm_trainer``: the reference-free Bradley-Terry loss of an autoregressive reward model (GenARM).
+- ``arm``: the ``policymix train arm`` command (``dpo``'s options, data and diagnostics, that loss).
 
 The lab needs the ``lab`` extra (peft, trl, matplotlib); nothing in the server imports it.
 """

@@ -20,13 +20,14 @@ METADATA_FILE = "policymix.json"  # read by policymix.registry (beta, reference)
 EXIT_BAD_INPUT = 2
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="policymix train dpo", description=__doc__.splitlines()[0],
+def build_parser(prog: str = "policymix train dpo", description: str = __doc__.splitlines()[0],
+                 beta_help: str = "DPO KL coefficient (recorded for DeRa / MOD)") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--base", required=True, help="base/reference model: HF folder, hub id, .gguf file, or 'embedded'")
     p.add_argument("--pairs", required=True, help="JSONL with prompt, chosen, rejected per line")
     p.add_argument("--out", required=True, help="output folder (the trained policy)")
-    p.add_argument("--beta", type=float, default=0.1, help="DPO KL coefficient (recorded for DeRa / MOD)")
+    p.add_argument("--beta", type=float, default=0.1, help=beta_help)
     p.add_argument("--lora", action=argparse.BooleanOptionalAction, default=True,
                    help="train a LoRA adapter; --no-lora fine-tunes every weight")
     p.add_argument("--lora-r", type=int, default=8)
@@ -79,20 +80,24 @@ def _check_args(args: argparse.Namespace) -> str | None:
 class Run:
     """A trainer ready to train, with what ``policymix.json`` needs to know about it."""
 
-    trainer: object  # EntangledDPOTrainer (imported lazily: the lab extra is optional)
+    trainer: object  # EntangledDPOTrainer or ARMTrainer (imported lazily: the lab extra is optional)
     out: Path
     base: Path | str
     chat: bool
     lr: float
 
 
-def build_trainer(args: argparse.Namespace, records: list[dict]) -> Run:
-    """Load the base, wrap the pairs for TRL and build the trainer (LoRA unless ``--no-lora``)."""
+def build_trainer(args: argparse.Namespace, records: list[dict], kind: str = "dpo") -> Run:
+    """Load the base, wrap the pairs for TRL and build the trainer (LoRA unless ``--no-lora``).
+
+    ``kind``: "dpo" (TRL's DPO loss) or "arm" (the reference-free Bradley-Terry loss, ``arm_trainer``).
+    """
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig
 
+    from .arm_trainer import ARMTrainer
     from .base import resolve_base
     from .trainer import EntangledDPOTrainer
 
@@ -126,7 +131,8 @@ def build_trainer(args: argparse.Namespace, records: list[dict]) -> Run:
         report_to="none", bf16=False, fp16=False, gradient_checkpointing=False, disable_dropout=True,
         dataloader_num_workers=0, dataloader_pin_memory=False,
     )
-    trainer = EntangledDPOTrainer(
+    trainer_class = {"dpo": EntangledDPOTrainer, "arm": ARMTrainer}[kind]
+    trainer = trainer_class(
         model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
         normalized_gradient=args.normalized_gradient, diag_every=args.diag_every,
         diag_csv=str(out / "entanglement.csv"),
@@ -134,7 +140,7 @@ def build_trainer(args: argparse.Namespace, records: list[dict]) -> Run:
     return Run(trainer=trainer, out=out, base=base, chat=chat, lr=lr)
 
 
-def run(r: Run, args: argparse.Namespace, records: list[dict]) -> dict:
+def run(r: Run, args: argparse.Namespace, records: list[dict], kind: str = "dpo") -> dict:
     """Train (resuming if asked), save the policy and its diagnostics; returns ``policymix.json``'s content."""
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -158,12 +164,16 @@ def run(r: Run, args: argparse.Namespace, records: list[dict]) -> dict:
         plot_entanglement(out / "entanglement.csv", out / "entanglement.png",
                           title=f"{out.name}: beta={args.beta}, normalized gradient={args.normalized_gradient}")
         (out / "entanglement_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if kind == "arm":  # a reward model: the base is what it was tuned from, not a reference of its reward
+        origin = {"base": str(r.base), "base_spec": args.base}
+    else:
+        origin = {"reference": str(r.base), "reference_spec": args.base}  # tuned from (and the adapter's base)
     meta = {
+        "kind": kind,
         "beta": args.beta,
-        "reference": str(r.base),  # the model the policy was tuned from (and the adapter's base)
-        "reference_spec": args.base,
+        **origin,
         "adapter": bool(args.lora),
-        "loss": "dpo-sigmoid",
+        "loss": "arm-bradley-terry" if kind == "arm" else "dpo-sigmoid",
         "normalized_gradient": bool(args.normalized_gradient),
         "format": "chat" if r.chat else "plain",
         "pairs": str(Path(args.pairs).resolve()),
@@ -177,19 +187,20 @@ def run(r: Run, args: argparse.Namespace, records: list[dict]) -> dict:
     return meta
 
 
-def main(argv: list[str]) -> int:
-    """Entry point of ``policymix train dpo``; returns the process exit code."""
-    args = build_parser().parse_args(argv)
+def main(argv: list[str], kind: str = "dpo", parser: argparse.ArgumentParser | None = None) -> int:
+    """Entry point of ``policymix train dpo`` (and ``train arm``); returns the process exit code."""
+    parser = parser or build_parser()
+    args = parser.parse_args(argv)
     problem = _check_args(args)
     if problem:
-        print(f"policymix train dpo: error: {problem}", file=sys.stderr)
+        print(f"{parser.prog}: error: {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
         records = load_pairs(args.pairs)  # before any model is loaded: a bad file never reaches step 1
     except PairsError as err:
-        print(f"policymix train dpo: error: {err.message}", file=sys.stderr)
+        print(f"{parser.prog}: error: {err.message}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    meta = run(build_trainer(args, records), args, records)
+    meta = run(build_trainer(args, records, kind), args, records, kind)
     ent = meta["entanglement"]
     line = f"saved {args.out}: {meta['steps']} steps in {meta['train_seconds']} s, beta={meta['beta']}"
     if ent.get("pairs"):

@@ -11,6 +11,7 @@ Every recipe is a log-linear mixture: the next-token score is ``s = sum_k w_k * 
 | proxy tuning          | L: 1, S+: a, S-: -a                                             |
 | guidance (CFG)        | P: g, P[neg]: 1 - g           (P[neg]: P under the negative prompt) |
 | context-aware         | P: 1 + a, P[-context]: -a     (P[-context]: P without the context)  |
+| GenARM (arm)          | B: 1, A_i: w_i / b            (A_i: autoregressive reward models)   |
 
 ``prompt_variants`` name served policies under other contexts (a variant runs its policy's weights
 with its own cache rows, for one request); variant names stand in ``weights``, ``objectives`` and
@@ -74,7 +75,7 @@ class Variant:
 class CompiledRecipe:
     weights: dict[str, float]  # every policy the recipe names, zeros included (echoed to clients)
     family: int
-    form: str  # "single" | "weights" | "mod" | "dera" | "proxy"
+    form: str  # "single" | "weights" | "mod" | "dera" | "proxy" | "guidance" | "context_aware" | "arm"
     mixture_name: str | None = None
     reference: str | None = None  # MOD / DeRa: the reference the recipe is relative to
     tuned: str | None = None  # DeRa: the tuned policy; MOD: the first objective
@@ -123,19 +124,22 @@ def _form_of(r: Recipe) -> str:
         forms.append("guidance")
     if r.context_aware is not None:
         forms.append("context_aware")
+    if r.arm is not None:
+        forms.append("arm")
     if len(forms) != 1:
         raise RecipeError(
             "a mixture needs exactly one of: weights, objectives (+ reference), "
-            "policy + beta_prime (+ reference), proxy, guidance, context_aware",
+            "policy + beta_prime (+ reference), proxy, guidance, context_aware, arm",
             param="mixture",
         )
     form = forms[0]
     others = ("reference", "policy", "objectives", "beta", "beta_prime")
-    stray = {"weights": others, "proxy": others, "guidance": others, "context_aware": others,
+    stray = {"weights": others, "proxy": others, "guidance": others, "context_aware": others, "arm": others,
              "mod": ("policy",), "dera": ()}[form]
     for name in stray:
         if getattr(r, name) is not None:
-            raise RecipeError(f"mixture.{name} does not belong to a {form} recipe", param=f"mixture.{name}")
+            article = "an" if form[0] in "aeiou" else "a"
+            raise RecipeError(f"mixture.{name} does not belong to {article} {form} recipe", param=f"mixture.{name}")
     return form
 
 
@@ -166,6 +170,17 @@ def _compile_form(r: Recipe, form: str, policies: Mapping[str, PolicyInfo]) -> d
         alpha = _finite(c.alpha, "mixture.context_aware.alpha")
         add(c.policy, 1.0 + alpha)
         add(f"{c.policy}[-{c.drop}]", -alpha)
+    elif form == "arm":
+        a = r.arm
+        beta = _positive(a.beta, "mixture.arm.beta")
+        _served_policy(a.base, policies, "mixture.arm.base")
+        if not a.arms:
+            raise RecipeError("mixture.arm.arms must name at least one autoregressive reward model",
+                              param="mixture.arm.arms")
+        add(a.base, 1.0)
+        for name, value in a.arms.items():
+            _served_policy(name, policies, f"mixture.arm.arms.{name}")
+            add(name, _finite(value, f"mixture.arm.arms.{name}") / beta)
     elif form == "mod":
         ref = _reference(r, policies)
         if not r.objectives:
@@ -263,7 +278,7 @@ def compile_recipe(
         )
     if all(v == 0.0 for v in weights.values()):
         raise RecipeError("all mixture weights are zero", param="mixture")
-    betas = tuple(float(b) for b in (recipe.beta, recipe.beta_prime) if b is not None)
+    betas = tuple(float(b) for b in (recipe.beta, recipe.beta_prime, recipe.arm and recipe.arm.beta) if b is not None)
     used = {n: v for n, v in variants.items() if n in weights}
     return CompiledRecipe(weights, families.pop(), form, mixture_name, reference, tuned, betas, used)
 

@@ -10,6 +10,7 @@ export const KINDS = {
   proxy: "Proxy tuning",
   guidance: "Guidance (CFG)",
   context_aware: "Context-aware decoding (chat)",
+  arm: "Reward-model guidance (GenARM)",
 };
 
 let uid = 0;
@@ -134,6 +135,22 @@ export function recipeEditor(root, catalog, guard, preset = {}) {
       body.append(field("Policy", pol), alpha.row, field("Drop (the contrast without it)", drop));
       read = () => ({ model: pol.value, mixture: { context_aware: { policy: pol.value, alpha: alpha.read(),
                                                                    drop: drop.value } } });
+    } else if (k === "arm") {
+      // pi_base * prod_i pi_arm_i^(w_i / beta): the server compiles it to {base: 1, arm_i: w_i / beta}
+      const base = select(policies, preset.base ?? policies[0]);
+      const sliders = policies.map((p) => slider(p, { min: -bound, max: bound, step: 0.05,
+                                                      value: preset.arms?.[p] ?? 0, name: p }));
+      const beta = slider("beta (smaller: stronger guidance)", { min: 0.05, max: 4, step: 0.05,
+                                                                 value: preset.beta ?? 1 });
+      body.append(field("Base", base),
+                  el("fieldset", {}, el("legend", { text: "Weight per autoregressive reward model (the base is skipped)" }),
+                     ...sliders.map((s) => s.row)),
+                  beta.row);
+      read = () => {
+        const arms = {};
+        policies.forEach((p, i) => { const w = sliders[i].read(); if (w !== 0 && p !== base.value) arms[p] = w; });
+        return { model: base.value, mixture: { arm: { base: base.value, arms, beta: beta.read() } } };
+      };
     }
   }
   kind.addEventListener("change", build);
