@@ -54,22 +54,26 @@ def check_adapter(policy: str, path: str) -> None:
 
 
 def attach_adapters(base, adapters: dict[str, str]) -> nn.Module:
-    """``base`` with each adapter, loaded by PEFT under its policy's name, grouped into its LoRA layers
-    (:func:`group_adapters`; ``base`` is changed in place: a forward applies what ``adapter_rows`` says, so
-    every caller goes through :class:`AdapterView` or sets the rows)."""
+    """``base`` with each policy's adapter (policy -> adapter folder), loaded by PEFT and grouped into its LoRA
+    layers (:func:`group_adapters`; ``base`` is changed in place: a forward applies what ``adapter_rows``
+    says, so every caller goes through :class:`AdapterView` or sets the rows, by policy name)."""
     from peft import PeftModel  # optional: only configs with adapters need peft
 
-    names = list(adapters)
-    model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
-    for name in names[1:]:
-        model.load_adapter(adapters[name], adapter_name=name)
-    for policy in names:  # LoRA on anything but linear layers is not in PEFT's mixed batches here
+    ids = {policy: f"adapter{i}" for i, policy in enumerate(adapters)}  # PEFT's names: no "." allowed
+    first, *rest = adapters
+    model = PeftModel.from_pretrained(base, adapters[first], adapter_name=ids[first])
+    for policy in rest:
+        model.load_adapter(adapters[policy], adapter_name=ids[policy])
+    for policy, name in ids.items():  # LoRA on anything but linear layers is not grouped
         for mod_name, mod in model.named_modules():
             lora = (*getattr(mod, "lora_A", {}), *getattr(mod, "lora_embedding_A", {}))
-            if policy in lora and not isinstance(mod.get_base_layer(), nn.Linear):
+            if name in lora and not isinstance(mod.get_base_layer(), nn.Linear):
                 raise ConfigError(f"policies.{policy}: LoRA on {mod_name} ({type(mod.get_base_layer()).__name__}) "
                                   "cannot be served as an adapter lane (linear layers only)")
-    return group_adapters(model)
+    served = group_adapters(model)
+    rows = served.adapter_rows
+    rows.index = {policy: rows.index[name] for policy, name in ids.items()}  # rows are set by policy name
+    return served
 
 
 class AdapterRows:
