@@ -58,7 +58,12 @@ def test_bad_completion_fields_are_400_naming_the_field(client, body, param):
 
 @pytest.mark.parametrize("body, param", [
     ({"model": "base", "messages": []}, "messages"),
-    ({"model": "base", "messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+    ({"model": "base", "messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+    ({"model": "base", "messages": [{"role": "tool", "content": "x"}]}, "messages.0.tool_call_id"),
+    ({"model": "base", "messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "messages.0.tool_calls"),
+    ({"model": "base", "messages": [{"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]},
+     "messages.0.tool_calls.0.function.arguments"),
     ({"model": "base", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]},
      "messages.0.content.0.type"),
     ({"model": "base", "messages": CHAT, "top_logprobs": 2}, "top_logprobs"),

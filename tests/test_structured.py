@@ -365,7 +365,7 @@ REFUSED = [
     ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
     ({"guided_json": {"type": "object"}, "min_tokens": 3}, "min_tokens"),
     ({"guided_json": {"type": "object"}, "ignore_eos": True}, "ignore_eos"),
-    ({"tools": TOOLS}, "tool_choice"),  # auto, OpenAI's default with tools, is not served
+    ({"tools": TOOLS}, "tool_choice"),  # auto (the default with tools): the tiny template renders no tools
     ({"tools": TOOLS, "tool_choice": "auto"}, "tool_choice"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"parallel_tool_calls": False}, "parallel_tool_calls"),

@@ -120,14 +120,15 @@ def _render_variant(registry: Registry, name: str, v: Variant, prompt: Prompt) -
     if v.source == "prompt":
         ids = policy.render(Prompt(text=v.value) if isinstance(v.value, str) else Prompt(token_ids=list(v.value)))
     elif v.source == "messages":
-        ids = policy.render(Prompt(messages=list(v.value), add_generation_prompt=prompt.add_generation_prompt))
+        ids = policy.render(Prompt(messages=list(v.value), add_generation_prompt=prompt.add_generation_prompt,
+                                   tools=prompt.tools))
     elif v.source == "negative":  # guidance's negative prompt, in the request's own form
         ids = policy.render(Prompt(messages=[{"role": "user", "content": v.value}],
                                    add_generation_prompt=prompt.add_generation_prompt) if chat else Prompt(text=v.value))
     elif v.source == "system_prompt":  # the request under this system prompt instead of its own
         if chat:
             prompt = Prompt(messages=[m for m in prompt.messages if m.get("role") not in ("system", "developer")],
-                            add_generation_prompt=prompt.add_generation_prompt)
+                            add_generation_prompt=prompt.add_generation_prompt, tools=prompt.tools)
         ids = policy.render(prompt, system_prompt=v.value)
     elif v.source == "unconditional":  # the CFG paper's empty context: the start token alone
         tok = policy.tokenizer
@@ -144,7 +145,8 @@ def _render_variant(registry: Registry, name: str, v: Variant, prompt: Prompt) -
             kept = [messages[users[-1]]]
         if len(kept) == len(messages):
             raise PolicymixError(f"{field}: the conversation has no {v.source[5:]} to drop", param=field)
-        ids = policy.render(Prompt(messages=kept, add_generation_prompt=prompt.add_generation_prompt),
+        ids = policy.render(Prompt(messages=kept, add_generation_prompt=prompt.add_generation_prompt,
+                                   tools=prompt.tools),
                             with_system_prompt=False)
     if not ids:
         raise PolicymixError(f"{field}: the variant renders to no tokens", param=field)
