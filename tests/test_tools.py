@@ -284,3 +284,18 @@ def test_auto_without_a_tools_template_is_400_naming_tool_choice():
             with pytest.raises(openai.BadRequestError) as err:
                 sdk.chat.completions.create(model="base", messages=CHAT, tools=[WEATHER], **extra)
             assert err.value.body["param"] == "tool_choice"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_responses_api_auto_returns_function_calls(scripted, stream):
+    eng, sdk = scripted
+    eng.script = "Checking. " + CALL
+    tools = [{"type": "function", "name": "weather", "parameters": WEATHER["function"]["parameters"]}]
+    if stream:
+        with sdk.responses.stream(model="base", input="Weather in Paris?", tools=tools) as s:
+            r = s.get_final_response()
+    else:
+        r = sdk.responses.create(model="base", input="Weather in Paris?", tools=tools)
+    (item,) = r.output
+    assert item.type == "function_call" and item.name == "weather" and json.loads(item.arguments) == {"city": "Paris"}
+    assert r.tool_choice == "auto"
