@@ -159,7 +159,10 @@ def tiny_tools_server(tiny_dir, tool_tokenizer):
     from policymix.registry import load_registry
 
     config = parse_config({"policies": {"hermes": {"path": str(tiny_dir / "base"), "tokenizer": str(tool_tokenizer)},
-                                        "plain": {"path": str(tiny_dir / "base")}},
+                                        "plain": {"path": str(tiny_dir / "base")},
+                                        "rm": {"path": str(tiny_dir / "rm"), "kind": "reward"},
+                                        "hermes-rm": {"path": str(tiny_dir / "rm"), "kind": "reward",
+                                                      "tokenizer": str(tool_tokenizer)}},
                            "server": {"max_num_seqs": 8, "max_queue": 16}})
     engine = NativeEngine(load_registry(config))
     with LiveServer(build_app(engine, config, env={})) as srv:
@@ -201,6 +204,18 @@ def test_tool_turns_render_through_the_template(tiny_tools_server):
     # the plain template drops the call: a 400 naming messages, not a silently different conversation
     with pytest.raises(openai.BadRequestError) as err:
         sdk.chat.completions.create(model="plain", messages=TURNS, max_tokens=3)
+    assert err.value.body["param"] == "messages"
+
+
+def test_reward_model_reranking_renders_tool_turns(tiny_tools_server):
+    srv, _ = tiny_tools_server
+    sdk = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0, timeout=120)
+    kw = dict(model="hermes", messages=TURNS, tools=[WEATHER], max_tokens=3, temperature=1.0, seed=3)
+    r = sdk.chat.completions.create(**kw, extra_body={"best_of": 2, "rerank": {"reward_model": "hermes-rm"}})
+    assert len(r.policymix["candidates"]) == 2
+    # a reward model whose template drops the call: refused before generating, naming messages
+    with pytest.raises(openai.BadRequestError) as err:
+        sdk.chat.completions.create(**kw, extra_body={"best_of": 2, "rerank": {"reward_model": "rm"}})
     assert err.value.body["param"] == "messages"
 
 

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 from ..errors import PolicymixError
 from ..mixing.recipes import Variant
-from ..registry import Registry
+from ..registry import Registry, render_chat
 from .protocol import SAMPLING_EPS, GenerationRequest, ImplicitRewardSpec, Prompt, RequestPlan
 from .speculative import DRAFT_STREAM, drafter_key
 from .structured import plan_grammar
@@ -172,6 +172,12 @@ def _check(registry: Registry, req: GenerationRequest) -> tuple[ImplicitRewardSp
             raise PolicymixError(f"unknown reward model {rr.reward_model!r}", param="rerank.reward_model")
         if rm.kind != "reward":
             raise PolicymixError(f"{rr.reward_model!r} is a policy, not a reward model", param="rerank.reward_model")
+        messages = req.prompt.messages
+        if messages is not None and getattr(rm.tokenizer, "chat_template", None) and any(
+                m.get("role") == "tool" or m.get("tool_calls") for m in messages):
+            # tool turns: the reward model's template must render them too (checked now, not after generating)
+            render_chat(rm.tokenizer, [*messages, {"role": "assistant", "content": ""}], False, req.prompt.tools,
+                        rm.name)
     for name, value in (("prune", rr.prune_every if rr else None), ("soft", rr.soft_temperature if rr else None)):
         if value is not None and not best_of > sp.n:
             raise PolicymixError(f"rerank.{name} chooses among best-of candidates: it needs best_of > n",
