@@ -19,7 +19,7 @@ from api_helpers import LiveServer, live_fake
 from fake_engine import CharTokenizer, FakeEngine
 from policymix.api import build_app
 from policymix.api.errors import ApiError
-from policymix.api.structured import check_auto_template, parse_tool_calls, stream_safe
+from policymix.api.structured import RequiredScanner, check_auto_template, parse_tool_calls, stream_safe
 from policymix.errors import PolicymixError
 from policymix.messages import ChatMessage
 from policymix.registry import render_chat
@@ -314,3 +314,39 @@ def test_responses_api_auto_returns_function_calls(scripted, stream):
     (item,) = r.output
     assert item.type == "function_call" and item.name == "weather" and json.loads(item.arguments) == {"city": "Paris"}
     assert r.tool_choice == "auto"
+
+
+# ------------------------------------------------------------------------------- "required", streamed
+
+
+def test_required_scanner_reads_calls_as_they_are_written():
+    text = ('[ {"name": "weather", "parameters": {"city": "Pa\\"r}is", "days": [1, {"a": 2}]}} ,'
+            '{"parameters": {}, "name": "time"}]')
+    items = json.loads(text)
+    for step in (1, 2, 5, len(text)):
+        scan, events = RequiredScanner(), []
+        for i in range(0, len(text), step):
+            events += scan.feed(text[i:i + step])
+        names = [(k, n) for k, n, _ in events if n is not None]
+        assert names == [(0, "weather"), (1, "time")]
+        for k, item in enumerate(items):
+            args = "".join(p for j, n, p in events if j == k and p is not None)
+            assert json.loads(args) == item["parameters"] and args == scan.args[k]
+            # a call's arguments never go out before its name
+            assert events.index((k, item["name"], None)) < min(i for i, e in enumerate(events) if e[0] == k and e[2])
+
+
+def test_required_streams_arguments_in_pieces(scripted):
+    eng, sdk = scripted
+    eng.script = '[{"name": "weather", "parameters": {"city": "Paris"}}, {"name": "time", "parameters": {}}]'
+    kw = dict(model="base", messages=CHAT, tools=[WEATHER, TIME], tool_choice="required", max_tokens=300)
+    whole = sdk.chat.completions.create(**kw)
+    with sdk.chat.completions.stream(**kw) as s:
+        events = list(s)
+        final = s.get_final_completion()
+    for r in (whole, final):
+        _check(r.choices[0], [("weather", {"city": "Paris"}), ("time", {})], None)
+    assert [c.function.arguments for c in final.choices[0].message.tool_calls] == [
+        c.function.arguments for c in whole.choices[0].message.tool_calls] == ['{"city": "Paris"}', "{}"]
+    deltas = [e for e in events if e.type == "tool_calls.function.arguments.delta"]
+    assert len(deltas) > 10 and {e.index for e in deltas} == {0, 1}

@@ -34,7 +34,7 @@ from .protocol import (
     TopLogprob,
     Usage,
 )
-from .structured import stream_safe
+from .structured import RequiredScanner, stream_safe
 from .tokens import TokenTexts
 
 if TYPE_CHECKING:
@@ -310,8 +310,9 @@ class _CompletionStream(StreamWriter):
 
 class _ChatStream(StreamWriter):
     """Text as content deltas; with tools, as OpenAI streams calls: a named function's arguments as
-    ``tool_calls`` deltas (the first with the call's id and name), ``required``'s calls once the choice ends
-    (its array must be complete to split it into calls). ``auto``: content deltas until a ``<tool_call>`` may
+    ``tool_calls`` deltas (the first with the call's id and name); ``required``'s calls likewise, each call's
+    first delta (id, type, name) once its name is written, then its arguments' pieces (a choice cut at
+    max_tokens ends with the calls as far as they got, as on OpenAI). ``auto``: content deltas until a ``<tool_call>`` may
     be starting (and never trailing whitespace); from there the text is held back, and once the choice
     ends its calls go out as complete ``tool_calls`` deltas (or, if none parses, the held text as content)."""
 
@@ -319,6 +320,7 @@ class _ChatStream(StreamWriter):
         super().__init__(job, acc, texts)
         self.tool_text: dict[int, str] = defaultdict(str)  # choice -> its text so far (tools only)
         self.sent: dict[int, int] = defaultdict(int)  # auto: choice -> how much of its text went out as content
+        self.scanners: dict[int, RequiredScanner] = {}  # required: choice -> its calls as they are written
 
     def chunk(self, choices: list, **fields: Any) -> ChatCompletionChunk:
         fields = {**self.extra, **fields}
@@ -346,6 +348,13 @@ class _ChatStream(StreamWriter):
             if piece or lp is not None:
                 yield self.chunk([ChatStreamChoice(index=idx, delta=DeltaMessage(content=piece or None), logprobs=lp,
                                                    finish_reason=None)])
+            return
+        if tools is not None and tools.name is None:  # required: each call's name, then its arguments' pieces
+            self.tool_text[idx] += ev.text
+            deltas = tools.required_deltas(idx, self.scanners.setdefault(idx, RequiredScanner()).feed(ev.text))
+            if deltas or lp is not None:
+                yield self.chunk([ChatStreamChoice(index=idx, delta=DeltaMessage(tool_calls=deltas or None),
+                                                   logprobs=lp, finish_reason=None)])
             return
         if tools is not None:
             first = idx not in self.tool_text
@@ -377,11 +386,8 @@ class _ChatStream(StreamWriter):
         elif tools is not None:
             text = self.tool_text[idx]
             calls = tools.calls(idx, text)
-            if tools.name is None and calls is not None:  # required: every call in one delta, then the end
-                yield self.chunk([ChatStreamChoice(index=idx, delta=DeltaMessage(tool_calls=[
-                    ToolCallDelta(index=k, id=c.id, type="function", function=c.function)
-                    for k, c in enumerate(calls)]), logprobs=None, finish_reason=None)])
-            elif calls is None and text:  # cut before the array closed: its text, as content
+            streamed = idx in self.scanners and any(n is not None for n in self.scanners[idx].names)
+            if calls is None and text and not streamed:  # cut before any call had a name: the text, as content
                 yield self.chunk([ChatStreamChoice(index=idx, delta=DeltaMessage(content=text), logprobs=None,
                                                    finish_reason=None)])
             if calls is not None and finish == "stop":

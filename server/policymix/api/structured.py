@@ -73,9 +73,19 @@ class ToolCalls:
             return None
         if not isinstance(items, list) or not all(isinstance(x, dict) and "name" in x for x in items):
             return None
+        scan = RequiredScanner()
+        scan.feed(text)
+        raw = scan.args if len(scan.args) == len(items) else [None] * len(items)  # the text as written (streamed)
         return [ToolCall(id=self.call_id(choice, k), function=FunctionCall(
-                    name=x["name"], arguments=json.dumps(x.get("parameters", {}), ensure_ascii=False)))
+                    name=x["name"], arguments=raw[k] or json.dumps(x.get("parameters", {}), ensure_ascii=False)))
                 for k, x in enumerate(items)]
+
+    def required_deltas(self, choice: int, events: list[tuple[int, str | None, str | None]]) -> list[ToolCallDelta]:
+        """``required``'s streamed calls: a call's first delta carries its id, type and name, then its arguments."""
+        return [ToolCallDelta(index=k, id=self.call_id(choice, k), type="function",
+                              function=FunctionCall(name=name, arguments=""))
+                if name is not None else ToolCallDelta(index=k, function=FunctionCall(arguments=piece))
+                for k, name, piece in events]
 
     def deltas(self, choice: int, text: str, first: bool) -> list[ToolCallDelta]:
         """A named function's streamed arguments: the first piece carries the call's id, type and name."""
@@ -83,6 +93,89 @@ class ToolCalls:
             return [ToolCallDelta(index=0, id=self.call_id(choice, 0), type="function",
                                   function=FunctionCall(name=self.name, arguments=text))]
         return [ToolCallDelta(index=0, function=FunctionCall(arguments=text))]
+
+
+class RequiredScanner:
+    """Reads ``"required"``'s array ``[{"name": ..., "parameters": {...}}, ...]`` as it is written: each call's
+    name once its string closes, then its ``parameters`` value piece by piece (the raw JSON text, which is
+    also what the finished response returns as ``arguments``). ``feed`` returns ``(k, name, None)`` when
+    call k's name is known and ``(k, None, piece)`` for its arguments text (after the name)."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.in_str = self.esc = False
+        self.raw: str | None = None  # a string at the call object's level, being read
+        self.key: str | None = None
+        self.expect_key = True
+        self.args_pending = self.args_on = False
+        self.names: list[str | None] = []
+        self.args: list[str] = []
+        self.pending: list[str] = []  # arguments read before the call's name (sent once it is known)
+
+    def feed(self, text: str) -> list[tuple[int, str | None, str | None]]:
+        out: list[tuple[int, str | None, str | None]] = []
+        piece = []
+        for c in text:
+            if self.args_pending and not c.isspace():
+                self.args_pending, self.args_on = False, True
+            k = len(self.names) - 1
+            if self.in_str:
+                if self.esc:
+                    self.esc = False
+                elif c == "\\":
+                    self.esc = True
+                elif c == '"':
+                    self.in_str = False
+                    if self.raw is not None and not self.args_on:
+                        try:
+                            value = json.loads(f'"{self.raw}"')
+                        except ValueError:
+                            value = self.raw
+                        self.raw = None
+                        if self.expect_key:
+                            self.key = value
+                        elif self.key == "name" and self.names[k] is None:
+                            self.names[k] = value
+                            out.append((k, value, None))
+                            if self.pending[k]:
+                                out.append((k, None, self.pending[k]))
+                                self.pending[k] = ""
+                if self.raw is not None and self.in_str:
+                    self.raw += c
+            elif c == '"':
+                self.in_str = True
+                if self.depth == 2 and not self.args_on:
+                    self.raw = ""
+            elif c in "[{":
+                self.depth += 1
+                if self.depth == 2 and c == "{":
+                    self.names.append(None)
+                    self.args.append("")
+                    self.pending.append("")
+                    self.expect_key, self.key = True, None
+            elif c in "]}":
+                self.depth -= 1
+            elif self.depth == 2 and c == ":":
+                self.expect_key = False
+                self.args_pending = self.key == "parameters"
+            elif self.depth == 2 and c == ",":
+                self.expect_key, self.key = True, None
+            if self.args_on:
+                piece.append(c)
+                if self.depth == 2:  # the parameters value closed
+                    self.args_on = False
+                    self._args(k, "".join(piece), out)
+                    piece = []
+        if piece:
+            self._args(len(self.names) - 1, "".join(piece), out)
+        return out
+
+    def _args(self, k: int, text: str, out: list) -> None:
+        self.args[k] += text
+        if self.names[k] is None:
+            self.pending[k] += text
+        else:
+            out.append((k, None, text))
 
 
 def _parse_call(body: str, names: tuple[str, ...]) -> tuple[str, str] | None:
