@@ -170,3 +170,11 @@ def test_openapi_document_lists_the_endpoints(client):
     for p in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/tokenize",
               "/detokenize"):
         assert p in paths
+
+
+def test_deeply_nested_tool_call_arguments_are_400(client):
+    deep = "[" * 100_000 + "]" * 100_000  # past json's recursion limit
+    body = {"model": "base", "messages": [{"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": deep}}]}, {"role": "user", "content": "x"}]}
+    assert envelope(client.post("/v1/chat/completions", json=body), 400)["param"] == \
+        "messages.0.tool_calls.0.function.arguments"

@@ -32,7 +32,7 @@ class MessageFunctionCall(BaseModel):
     def _json_object(cls, v: str) -> str:
         try:
             parsed = json.loads(v) if v.strip() else {}
-        except ValueError:
+        except (ValueError, RecursionError):
             raise ValueError("arguments must be JSON text of an object") from None
         if not isinstance(parsed, dict):
             raise ValueError("arguments must be JSON text of an object")

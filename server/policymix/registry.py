@@ -372,8 +372,9 @@ def render_chat(tok: Any, messages: list[dict[str, Any]], add_generation_prompt:
         raise PolicymixError(f"messages: the chat template of `{name}` did not render text", param="messages")
     for i, m in enumerate(messages):
         dropped = [c["function"]["name"] for c in m.get("tool_calls") or () if c["function"]["name"] not in text]
-        if m.get("role") == "tool" and m.get("content") and str(m["content"]) not in text:
-            dropped.append("the tool result")
+        result = str(m.get("content") or "").strip()
+        if m.get("role") == "tool" and result and result not in text and json.dumps(result)[1:-1] not in text:
+            dropped.append("the tool result")  # (as written, or JSON-escaped by a template's tojson)
         if dropped:
             raise PolicymixError(f"messages.{i}: the chat template of `{name}` does not render tool turns "
                                  f"({dropped[0]} is missing from the rendered prompt)", param="messages")

@@ -181,7 +181,7 @@ class RequiredScanner:
 def _parse_call(body: str, names: tuple[str, ...]) -> tuple[str, str] | None:
     try:
         obj = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or (names and obj["name"] not in names):
         return None
@@ -189,7 +189,7 @@ def _parse_call(body: str, names: tuple[str, ...]) -> tuple[str, str] | None:
     if isinstance(args, str):  # some models write the arguments as JSON text
         try:
             args = json.loads(args) if args.strip() else {}
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
     if not isinstance(args, dict):
         return None
