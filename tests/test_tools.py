@@ -185,6 +185,10 @@ def test_auto_renders_the_tools_through_the_template(tiny_tools_server):
     with pytest.raises(openai.BadRequestError) as err:
         sdk.chat.completions.create(**{**kw, "model": "plain"}, tool_choice="auto")
     assert err.value.body["param"] == "tool_choice"
+    # a mixture where one policy's template would not see the tools: refused too
+    with pytest.raises(openai.BadRequestError) as err:
+        sdk.chat.completions.create(**kw, extra_body={"mixture": {"weights": {"hermes": 0.5, "plain": 0.5}}})
+    assert err.value.body["param"] == "tool_choice"
 
 
 def test_tool_turns_render_through_the_template(tiny_tools_server):

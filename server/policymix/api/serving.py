@@ -222,7 +222,12 @@ class Serving:
         speculative = _speculative(body, default, search, rerank)
         constraint, tool_calls = constraint_of(body)
         if tool_calls is not None and tool_calls.auto:
-            check_auto_template(tokenizer, prompts[0].tools or [])
+            checked = set()  # every policy of the mixture renders the tools (their templates may differ)
+            for name in recipe.active:
+                tok = self.engine.tokenizer(recipe.policy_of(name))
+                if id(tok) not in checked:
+                    checked.add(id(tok))
+                    check_auto_template(tok, prompts[0].tools or [])
             if body.parallel_tool_calls is False:  # at most one call: the model stops where the first one ends
                 sampling.stop.append(TOOL_CLOSE)
         srv = self.config.server
