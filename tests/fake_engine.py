@@ -1,8 +1,10 @@
 """A scripted EngineClient for API-layer tests: fixed text, deterministic logprobs, no torch.
 
 Each returned sequence ``j`` spells ``SCRIPT`` followed by ``j`` one character per token, so a test
-can predict every byte of a response (``script`` replaces it: every sequence spells it). Knobs: ``delay`` per token (disconnect tests), ``overloaded``
-(generate raises Overloaded), a prompt containing ``FAIL`` (the request fails after two tokens).
+can predict every byte of a response (``script`` replaces it: every sequence spells it). Knobs:
+``delay`` per token (disconnect tests), ``overloaded`` (generate raises Overloaded), a prompt containing
+``FAIL`` (the request fails after two tokens), ``max_len``; ``CharTokenizer(tools=True)`` has a template
+that renders tools and tool calls (a Hermes-style one, for tool_choice auto).
 """
 
 from __future__ import annotations

@@ -312,9 +312,10 @@ class _ChatStream(StreamWriter):
     """Text as content deltas; with tools, as OpenAI streams calls: a named function's arguments as
     ``tool_calls`` deltas (the first with the call's id and name); ``required``'s calls likewise, each call's
     first delta (id, type, name) once its name is written, then its arguments' pieces (a choice cut at
-    max_tokens ends with the calls as far as they got, as on OpenAI). ``auto``: content deltas until a ``<tool_call>`` may
-    be starting (and never trailing whitespace); from there the text is held back, and once the choice
-    ends its calls go out as complete ``tool_calls`` deltas (or, if none parses, the held text as content)."""
+    max_tokens ends with the calls as far as they got, as on OpenAI). ``auto``: content deltas until a
+    ``<tool_call>`` may be starting (and never trailing whitespace); from there the text is held back, and
+    once the choice ends its calls go out as complete ``tool_calls`` deltas (or, if none parses, the held
+    text as content)."""
 
     def __init__(self, job: "Job", acc: Accumulator, texts: TokenTexts):
         super().__init__(job, acc, texts)

@@ -200,8 +200,9 @@ def parse_tool_calls(text: str, names: tuple[str, ...] = ()) -> tuple[str, list[
     """The Hermes/Qwen tool-call format: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks
     (the last may be unclosed: stopped at ``</tool_call>`` or at the end of the text). Returns (content,
     [(name, arguments JSON)]): content is the text outside the blocks, without the whitespace next to a
-    block, pieces on either side of one joined by a newline. A block that is not a call (not JSON, no name, a function not in ``names``) means no calls: the
-    whole text is content, as written."""
+    block, pieces on either side of one joined by a newline. A block that is not a call (not JSON, no name,
+    a function not in ``names``, arguments not an object) means no calls: the whole text is content, as
+    written."""
     calls: list[tuple[str, str]] = []
     parts: list[str] = []
     pos = 0
