@@ -1,8 +1,10 @@
 """A scripted EngineClient for API-layer tests: fixed text, deterministic logprobs, no torch.
 
 Each returned sequence ``j`` spells ``SCRIPT`` followed by ``j`` one character per token, so a test
-can predict every byte of a response. Knobs: ``delay`` per token (disconnect tests), ``overloaded``
-(generate raises Overloaded), a prompt containing ``FAIL`` (the request fails after two tokens).
+can predict every byte of a response (``script`` replaces it: every sequence spells it). Knobs:
+``delay`` per token (disconnect tests), ``overloaded`` (generate raises Overloaded), a prompt containing
+``FAIL`` (the request fails after two tokens), ``max_len``; ``CharTokenizer(tools=True)`` has a template
+that renders tools and tool calls (a Hermes-style one, for tool_choice auto).
 """
 
 from __future__ import annotations
@@ -38,12 +40,14 @@ class CharTokenizer:
 
     SPECIALS = ["<s>", "</s>"]
 
-    def __init__(self, chat_template: bool = True):
+    def __init__(self, chat_template: bool = True, tools: bool = False):
+        self.tools = tools  # a Hermes-style template: renders tools and tool turns, writes <tool_call>
         self.vocab = self.SPECIALS + [chr(c) for c in range(32, 127)]
         self.index = {t: i for i, t in enumerate(self.vocab)}
         self.all_special_ids = [0, 1]
         self.eos_token_id = 1
-        self.chat_template = "{{ messages }}" if chat_template else None
+        self.chat_template = ("{{ messages }}{% if tools %}<tool_call>{% endif %}" if tools else "{{ messages }}"
+                              ) if chat_template else None
 
     def __len__(self) -> int:
         return len(self.vocab)
@@ -58,9 +62,16 @@ class CharTokenizer:
     def convert_ids_to_tokens(self, i: int) -> str:
         return self.vocab[i]
 
-    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False) -> str:
-        text = "".join(f"<{m['role']}>{m['content']}" for m in messages)
-        return text + ("<assistant>" if add_generation_prompt else "")
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False, tools=None) -> str:
+        head = ""
+        if tools and self.tools:
+            head = "<tools>" + ",".join(t["function"]["name"] for t in tools) + "</tools>"
+        parts = []
+        for m in messages:
+            calls = "".join(f"<tool_call>{c['function']['name']}</tool_call>" for c in m.get("tool_calls") or ()
+                            ) if self.tools else ""
+            parts.append(f"<{m['role']}>{m['content']}{calls}")
+        return head + "".join(parts) + ("<assistant>" if add_generation_prompt else "")
 
 
 def token_logprob(position: int) -> float:
@@ -89,13 +100,15 @@ class FakeEngine(EngineClient):
         self.cancelled: list[str] = []
         self.aborted: list[str] = []
         self.forwards = 0
+        self.script: str | None = None  # every sequence spells this instead of SCRIPT + its index
+        self.max_len = MAX_LEN
 
     # ----- EngineClient
 
     def models(self) -> list[ModelCard]:
-        cards = [ModelCard(n, "policy" if i.kind == "causal" else "reward", i.family, max_model_len=MAX_LEN)
+        cards = [ModelCard(n, "policy" if i.kind == "causal" else "reward", i.family, max_model_len=self.max_len)
                  for n, i in self.infos.items()]
-        cards.append(ModelCard("half", "mixture", 0, weights={"base": 0.5, "dpo": 0.5}, max_model_len=MAX_LEN))
+        cards.append(ModelCard("half", "mixture", 0, weights={"base": 0.5, "dpo": 0.5}, max_model_len=self.max_len))
         return cards
 
     def compile(self, model: str, mixture: Any):
@@ -111,7 +124,7 @@ class FakeEngine(EngineClient):
             if not tok.chat_template:
                 raise PolicymixError(f"model `{req.model}` has no chat template", param="messages",
                                      code="no_chat_template")
-            return tok(tok.apply_chat_template(p.messages), add_special_tokens=False).input_ids
+            return tok(tok.apply_chat_template(p.messages, tools=p.tools), add_special_tokens=False).input_ids
         if p.token_ids is not None:
             if any(t >= len(tok) for t in p.token_ids):
                 raise PolicymixError("prompt token id outside the vocabulary", param="prompt")
@@ -124,11 +137,11 @@ class FakeEngine(EngineClient):
         sp = req.sampling
         max_tokens = sp.max_tokens
         if max_tokens is None:  # what the context leaves, capped by the key (as the real plan does)
-            max_tokens = max(1, MAX_LEN - n)
+            max_tokens = max(1, self.max_len - n)
             if req.max_tokens_cap is not None:
                 max_tokens = min(max_tokens, req.max_tokens_cap)
-        if n + max_tokens > MAX_LEN:
-            raise ContextTooLong(f"This model's maximum context length is {MAX_LEN} tokens. However, you "
+        if n + max_tokens > self.max_len:
+            raise ContextTooLong(f"This model's maximum context length is {self.max_len} tokens. However, you "
                                  f"requested {n + max_tokens} tokens ({n} in the prompt, "
                                  f"{max_tokens} for the completion).", param="max_tokens")
         scorers = (req.rerank.reward_model,) if req.rerank is not None and req.rerank.kind == "reward_model" else ()
@@ -155,7 +168,7 @@ class FakeEngine(EngineClient):
     async def _script(self, req: GenerationRequest, sp, prompt_len: int):
         tok = self.tokenizers[req.recipe.family]
         width = max(sp.n, sp.best_of or 1)
-        texts = [SCRIPT + str(j) for j in range(width)]
+        texts = [self.script if self.script is not None else SCRIPT + str(j) for j in range(width)]
         outs: list[list[int]] = [[] for _ in range(width)]
         finish: list[str | None] = [None] * width
         stop_reason: list[Any] = [None] * width

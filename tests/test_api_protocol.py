@@ -58,7 +58,12 @@ def test_bad_completion_fields_are_400_naming_the_field(client, body, param):
 
 @pytest.mark.parametrize("body, param", [
     ({"model": "base", "messages": []}, "messages"),
-    ({"model": "base", "messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+    ({"model": "base", "messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+    ({"model": "base", "messages": [{"role": "tool", "content": "x"}]}, "messages.0.tool_call_id"),
+    ({"model": "base", "messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "messages.0.tool_calls"),
+    ({"model": "base", "messages": [{"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]},
+     "messages.0.tool_calls.0.function.arguments"),
     ({"model": "base", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]},
      "messages.0.content.0.type"),
     ({"model": "base", "messages": CHAT, "top_logprobs": 2}, "top_logprobs"),
@@ -165,3 +170,11 @@ def test_openapi_document_lists_the_endpoints(client):
     for p in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/tokenize",
               "/detokenize"):
         assert p in paths
+
+
+def test_deeply_nested_tool_call_arguments_are_400(client):
+    deep = "[" * 100_000 + "]" * 100_000  # past json's recursion limit
+    body = {"model": "base", "messages": [{"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": deep}}]}, {"role": "user", "content": "x"}]}
+    assert envelope(client.post("/v1/chat/completions", json=body), 400)["param"] == \
+        "messages.0.tool_calls.0.function.arguments"

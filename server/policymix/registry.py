@@ -74,8 +74,7 @@ class LoadedPolicy:
                     messages[0]["content"] = f"{sp}\n\n{messages[0]['content']}"
                 else:
                     messages.insert(0, {"role": "system", "content": sp})
-            text = tok.apply_chat_template(messages, add_generation_prompt=prompt.add_generation_prompt,
-                                           tokenize=False)
+            text = render_chat(tok, messages, prompt.add_generation_prompt, prompt.tools, self.name)
             return list(tok(text, add_special_tokens=False).input_ids)
         if prompt.token_ids is not None:
             ids = list(prompt.token_ids)
@@ -356,3 +355,27 @@ def _check_mixtures(reg: Registry) -> None:
             compile_recipe(recipe, next(iter(infos)), infos, reg.config.mixtures)
         except PolicymixError as err:
             raise ConfigError(f"mixtures.{name}: {err.message}") from None
+
+
+def render_chat(tok: Any, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                tools: list[dict[str, Any]] | None = None, name: str = "the model") -> str:
+    """The chat template's text of ``messages`` (and ``tools``), or a 400 naming ``messages`` when the template
+    fails on them or drops a tool turn (a template without tool support renders a call or a result as nothing)."""
+    kwargs: dict[str, Any] = {"tools": tools} if tools else {}
+    try:
+        text = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False,
+                                       **kwargs)
+    except Exception as exc:  # a template's own raise_exception, or one that cannot read these fields
+        raise PolicymixError(f"messages: the chat template of `{name}` cannot render this conversation "
+                             f"({type(exc).__name__}: {exc})", param="messages") from None
+    if not isinstance(text, str):
+        raise PolicymixError(f"messages: the chat template of `{name}` did not render text", param="messages")
+    for i, m in enumerate(messages):
+        dropped = [c["function"]["name"] for c in m.get("tool_calls") or () if c["function"]["name"] not in text]
+        result = str(m.get("content") or "").strip()
+        if m.get("role") == "tool" and result and result not in text and json.dumps(result)[1:-1] not in text:
+            dropped.append("the tool result")  # (as written, or JSON-escaped by a template's tojson)
+        if dropped:
+            raise PolicymixError(f"messages.{i}: the chat template of `{name}` does not render tool turns "
+                                 f"({dropped[0]} is missing from the rendered prompt)", param="messages")
+    return text

@@ -23,3 +23,4 @@ class Prompt:
     token_ids: list[int] | None = None
     messages: list[dict[str, Any]] | None = None
     add_generation_prompt: bool = True
+    tools: list[dict[str, Any]] | None = None  # chat: OpenAI function tools, rendered by the chat template

@@ -7,6 +7,8 @@ import random
 
 import torch
 
+from .registry import render_chat
+
 
 def kl_bound(n: int) -> float:
     """Upper bound on KL(best-of-n || policy): log n - (n - 1) / n."""
@@ -48,8 +50,8 @@ def reward_model_scores(policy, prompt, completions: list[str]) -> list[float]:
     """
     tok, model = policy.tokenizer, policy.model
     if prompt.messages is not None and getattr(tok, "chat_template", None):
-        texts = [tok.apply_chat_template([*prompt.messages, {"role": "assistant", "content": c}], tokenize=False)
-                 for c in completions]
+        texts = [render_chat(tok, [*prompt.messages, {"role": "assistant", "content": c}], False, prompt.tools,
+                             policy.name) for c in completions]
         enc = [tok(t, add_special_tokens=False).input_ids for t in texts]
     else:
         if prompt.token_ids is not None:

@@ -19,11 +19,11 @@ from fastapi import Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..engine.protocol import Prompt
 from ..errors import PolicymixError
 from . import shapes, unserved
 from .errors import ApiError, _validation_error
 from .protocol import ChatCompletionRequest, _Part, _Request
+from .serving import chat_prompt
 
 if TYPE_CHECKING:
     from .auth import ApiKey
@@ -131,8 +131,7 @@ def chat_body(body: ResponsesRequest) -> dict[str, Any]:
 async def respond(serving: "Serving", body: ResponsesRequest, key: "ApiKey | None", http: Request) -> Response:
     try:
         chat = ChatCompletionRequest.model_validate(chat_body(body))
-        prompt = Prompt(messages=[{"role": m.role, "content": m.text()} for m in chat.messages],
-                        add_generation_prompt=True)
+        prompt = chat_prompt(chat)
         job = serving._prepare(chat, key, [prompt], _Responses(body), chat.max_tokens, None, "resp")
     except ValidationError as err:
         raise _renamed(_validation_error(list(err.errors()))) from None

@@ -43,6 +43,7 @@ from ..errors import PolicymixError
 from ..logs import engine_request_prefix
 from ..mixing.guard import check_recipe
 from ..mixing.recipes import CompiledRecipe, PolicyInfo
+from ..registry import render_chat
 from . import shapes
 from .auth import ApiKey
 from .errors import ApiError, engine_error, error_payload
@@ -62,7 +63,7 @@ from .protocol import (
     _Common,
 )
 from .streams import ClientGone, merged, unless_disconnected
-from .structured import ToolCalls, constraint_of
+from .structured import TOOL_CLOSE, ToolCalls, check_auto_template, constraint_of
 from .tokens import TokenTextCache
 
 
@@ -150,8 +151,8 @@ class Serving:
             if not getattr(tok, "chat_template", None):
                 raise ApiError(400, f"model `{model}` has no chat template", param="messages",
                                code="no_chat_template")
-            text = tok.apply_chat_template([{"role": m.role, "content": m.text()} for m in body.messages],
-                                           add_generation_prompt=bool(body.add_generation_prompt), tokenize=False)
+            text = render_chat(tok, [m.as_dict() for m in body.messages], bool(body.add_generation_prompt),
+                               name=model)
             ids = tok(text, add_special_tokens=False).input_ids
         else:
             ids = tok(body.prompt, add_special_tokens=bool(body.add_special_tokens)).input_ids
@@ -185,8 +186,7 @@ class Serving:
         return await self._respond(job, http)
 
     async def chat(self, body: ChatCompletionRequest, key: ApiKey | None, http: Request) -> Response:
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        prompt = Prompt(messages=messages, add_generation_prompt=bool(body.add_generation_prompt))
+        prompt = chat_prompt(body, bool(body.add_generation_prompt))
         if body.top_logprobs is not None and not body.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -221,6 +221,15 @@ class Serving:
             default = None  # the server's choice of draft never refuses a key: its requests run undrafted
         speculative = _speculative(body, default, search, rerank)
         constraint, tool_calls = constraint_of(body)
+        if tool_calls is not None and tool_calls.auto:
+            checked = set()  # every policy of the mixture renders the tools (their templates may differ)
+            for name in recipe.active:
+                tok = self.engine.tokenizer(recipe.policy_of(name))
+                if id(tok) not in checked:
+                    checked.add(id(tok))
+                    check_auto_template(tok, prompts[0].tools or [])
+            if body.parallel_tool_calls is False:  # at most one call: the model stops where the first one ends
+                sampling.stop.append(TOOL_CLOSE)
         srv = self.config.server
         room = srv.max_queue + max(1, srv.max_num_seqs // sampling.candidates)  # prompts that can ever be in
         if len(prompts) > room:
@@ -379,6 +388,16 @@ class _EventStream(StreamingResponse):
         finally:
             with anyio.CancelScope(shield=True):
                 await self.cleanup()
+
+
+def chat_prompt(body: ChatCompletionRequest, add_generation_prompt: bool = True) -> Prompt:
+    """A chat request's prompt: its messages (tool turns included) and, for tool_choice auto, its tools (which
+    the chat template renders)."""
+    tools = None
+    if body.tools and body.tool_choice in (None, "auto"):
+        tools = [t.model_dump(exclude_none=True) for t in body.tools]
+    return Prompt(messages=[m.as_dict() for m in body.messages], add_generation_prompt=add_generation_prompt,
+                  tools=tools)
 
 
 def _engine_failure(done: RequestDone) -> PolicymixError:

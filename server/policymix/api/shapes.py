@@ -34,6 +34,7 @@ from .protocol import (
     TopLogprob,
     Usage,
 )
+from .structured import RequiredScanner, stream_safe
 from .tokens import TokenTexts
 
 if TYPE_CHECKING:
@@ -309,12 +310,18 @@ class _CompletionStream(StreamWriter):
 
 class _ChatStream(StreamWriter):
     """Text as content deltas; with tools, as OpenAI streams calls: a named function's arguments as
-    ``tool_calls`` deltas (the first with the call's id and name), ``required``'s calls once the choice ends
-    (its array must be complete to split it into calls)."""
+    ``tool_calls`` deltas (the first with the call's id and name); ``required``'s calls likewise, each call's
+    first delta (id, type, name) once its name is written, then its arguments' pieces (a choice cut at
+    max_tokens ends with the calls as far as they got, as on OpenAI). ``auto``: content deltas until a
+    ``<tool_call>`` may be starting (and never trailing whitespace); from there the text is held back, and
+    once the choice ends its calls go out as complete ``tool_calls`` deltas (or, if none parses, the held
+    text as content)."""
 
     def __init__(self, job: "Job", acc: Accumulator, texts: TokenTexts):
         super().__init__(job, acc, texts)
         self.tool_text: dict[int, str] = defaultdict(str)  # choice -> its text so far (tools only)
+        self.sent: dict[int, int] = defaultdict(int)  # auto: choice -> how much of its text went out as content
+        self.scanners: dict[int, RequiredScanner] = {}  # required: choice -> its calls as they are written
 
     def chunk(self, choices: list, **fields: Any) -> ChatCompletionChunk:
         fields = {**self.extra, **fields}
@@ -322,7 +329,8 @@ class _ChatStream(StreamWriter):
                                    created=self.job.created, model=self.job.model, choices=choices, **fields)
 
     def start(self) -> Iterator[Any]:
-        content = None if self.job.tool_calls is not None else ""  # (OpenAI: null content when tools call)
+        # (OpenAI: null content when tools call; auto too, so that a reassembled call-only message has null content)
+        content = None if self.job.tool_calls is not None else ""
         for idx in range(self.total):  # the first delta of every choice carries the role
             yield self.chunk([ChatStreamChoice(index=idx, delta=DeltaMessage(role="assistant", content=content),
                                                logprobs=None, finish_reason=None)])
@@ -334,6 +342,21 @@ class _ChatStream(StreamWriter):
     def token(self, idx: int, ev: TokenEvent) -> Iterator[Any]:
         lp = chat_logprobs([ev], self.texts, self.k) if self.k is not None else None
         tools = self.job.tool_calls
+        if tools is not None and tools.auto:
+            self.tool_text[idx] += ev.text
+            safe = max(self.sent[idx], stream_safe(self.tool_text[idx]))
+            piece, self.sent[idx] = self.tool_text[idx][self.sent[idx]:safe], safe
+            if piece or lp is not None:
+                yield self.chunk([ChatStreamChoice(index=idx, delta=DeltaMessage(content=piece or None), logprobs=lp,
+                                                   finish_reason=None)])
+            return
+        if tools is not None and tools.name is None:  # required: each call's name, then its arguments' pieces
+            self.tool_text[idx] += ev.text
+            deltas = tools.required_deltas(idx, self.scanners.setdefault(idx, RequiredScanner()).feed(ev.text))
+            if deltas or lp is not None:
+                yield self.chunk([ChatStreamChoice(index=idx, delta=DeltaMessage(tool_calls=deltas or None),
+                                                   logprobs=lp, finish_reason=None)])
+            return
         if tools is not None:
             first = idx not in self.tool_text
             self.tool_text[idx] += ev.text
@@ -349,14 +372,23 @@ class _ChatStream(StreamWriter):
 
     def final(self, idx, seq, ext, top) -> Iterator[ChatCompletionChunk]:
         finish, tools = seq.finish_reason, self.job.tool_calls
-        if tools is not None:
-            text = self.tool_text[idx]
-            calls = tools.calls(idx, text)
-            if tools.name is None and calls is not None:  # required: every call in one delta, then the end
+        if tools is not None and tools.auto:
+            content, calls = tools.split(idx, seq.text)  # the final text: a stop string is cut from it
+            rest = (content or "")[self.sent[idx]:]  # what went out is a prefix of the content
+            if rest:
+                yield self.chunk([ChatStreamChoice(index=idx, delta=DeltaMessage(content=rest), logprobs=None,
+                                                   finish_reason=None)])
+            if calls is not None:
                 yield self.chunk([ChatStreamChoice(index=idx, delta=DeltaMessage(tool_calls=[
                     ToolCallDelta(index=k, id=c.id, type="function", function=c.function)
                     for k, c in enumerate(calls)]), logprobs=None, finish_reason=None)])
-            elif calls is None and text:  # cut before the array closed: its text, as content
+                if finish == "stop":
+                    finish = "tool_calls"
+        elif tools is not None:
+            text = self.tool_text[idx]
+            calls = tools.calls(idx, text)
+            streamed = idx in self.scanners and any(n is not None for n in self.scanners[idx].names)
+            if calls is None and text and not streamed:  # cut before any call had a name: the text, as content
                 yield self.chunk([ChatStreamChoice(index=idx, delta=DeltaMessage(content=text), logprobs=None,
                                                    finish_reason=None)])
             if calls is not None and finish == "stop":
@@ -405,7 +437,11 @@ class _Chat:
         for _, idx, s in _choices(acc):
             message, finish = AssistantMessage(content=s.text), s.finish_reason
             calls = job.tool_calls.calls(idx, s.text) if job.tool_calls is not None else None
-            if calls is not None:  # tools: the constrained text is the call (OpenAI: content null)
+            if calls is not None and job.tool_calls.auto:  # auto: the text outside the calls is the content
+                content, calls = job.tool_calls.split(idx, s.text)
+                message = AssistantMessage(content=content, tool_calls=calls)
+                finish = "tool_calls" if finish == "stop" else finish
+            elif calls is not None:  # tools: the constrained text is the call (OpenAI: content null)
                 message = AssistantMessage(content=None, tool_calls=calls)
                 finish = "tool_calls" if finish == "stop" else finish
             choices.append(ChatChoice(

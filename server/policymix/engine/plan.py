@@ -13,7 +13,7 @@ from dataclasses import replace
 
 from ..errors import PolicymixError
 from ..mixing.recipes import Variant
-from ..registry import Registry
+from ..registry import Registry, render_chat
 from .protocol import SAMPLING_EPS, GenerationRequest, ImplicitRewardSpec, Prompt, RequestPlan
 from .speculative import DRAFT_STREAM, drafter_key
 from .structured import plan_grammar
@@ -120,14 +120,15 @@ def _render_variant(registry: Registry, name: str, v: Variant, prompt: Prompt) -
     if v.source == "prompt":
         ids = policy.render(Prompt(text=v.value) if isinstance(v.value, str) else Prompt(token_ids=list(v.value)))
     elif v.source == "messages":
-        ids = policy.render(Prompt(messages=list(v.value), add_generation_prompt=prompt.add_generation_prompt))
+        ids = policy.render(Prompt(messages=list(v.value), add_generation_prompt=prompt.add_generation_prompt,
+                                   tools=prompt.tools))
     elif v.source == "negative":  # guidance's negative prompt, in the request's own form
         ids = policy.render(Prompt(messages=[{"role": "user", "content": v.value}],
                                    add_generation_prompt=prompt.add_generation_prompt) if chat else Prompt(text=v.value))
     elif v.source == "system_prompt":  # the request under this system prompt instead of its own
         if chat:
             prompt = Prompt(messages=[m for m in prompt.messages if m.get("role") not in ("system", "developer")],
-                            add_generation_prompt=prompt.add_generation_prompt)
+                            add_generation_prompt=prompt.add_generation_prompt, tools=prompt.tools)
         ids = policy.render(prompt, system_prompt=v.value)
     elif v.source == "unconditional":  # the CFG paper's empty context: the start token alone
         tok = policy.tokenizer
@@ -144,7 +145,8 @@ def _render_variant(registry: Registry, name: str, v: Variant, prompt: Prompt) -
             kept = [messages[users[-1]]]
         if len(kept) == len(messages):
             raise PolicymixError(f"{field}: the conversation has no {v.source[5:]} to drop", param=field)
-        ids = policy.render(Prompt(messages=kept, add_generation_prompt=prompt.add_generation_prompt),
+        ids = policy.render(Prompt(messages=kept, add_generation_prompt=prompt.add_generation_prompt,
+                                   tools=prompt.tools),
                             with_system_prompt=False)
     if not ids:
         raise PolicymixError(f"{field}: the variant renders to no tokens", param=field)
@@ -170,6 +172,12 @@ def _check(registry: Registry, req: GenerationRequest) -> tuple[ImplicitRewardSp
             raise PolicymixError(f"unknown reward model {rr.reward_model!r}", param="rerank.reward_model")
         if rm.kind != "reward":
             raise PolicymixError(f"{rr.reward_model!r} is a policy, not a reward model", param="rerank.reward_model")
+        messages = req.prompt.messages
+        if messages is not None and getattr(rm.tokenizer, "chat_template", None) and any(
+                m.get("role") == "tool" or m.get("tool_calls") for m in messages):
+            # tool turns: the reward model's template must render them too (checked now, not after generating)
+            render_chat(rm.tokenizer, [*messages, {"role": "assistant", "content": ""}], False, req.prompt.tools,
+                        rm.name)
     for name, value in (("prune", rr.prune_every if rr else None), ("soft", rr.soft_temperature if rr else None)):
         if value is not None and not best_of > sp.n:
             raise PolicymixError(f"rerank.{name} chooses among best-of candidates: it needs best_of > n",
