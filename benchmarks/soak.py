@@ -243,11 +243,21 @@ class Tally:
         self.outcomes[(kind, outcome)] += 1
 
 
+def _overloaded(a: Answer) -> bool:
+    """Backpressure, not a failure: 429/503 with an overload code (the client is told to retry)."""
+    return a.status in (429, 503) and a.error is not None and a.error.get("code") in (
+        "server_overloaded", "rate_limit_exceeded", None)
+
+
 def classify(t: Tally, kind: str, body: dict, a: Answer) -> None:
     """Every request gets exactly one outcome."""
     if a.transport is not None or (a.status is not None and not a.complete and not a.disconnected):
         t.count(kind, "lost")
         t.lost.append((kind, body, a.transport or f"{a.status}, stream cut before [DONE]"))
+        return
+    if kind == "bad" and _overloaded(a):  # the queue was full before its fields were looked at
+        t.bad_statuses[a.status] += 1
+        t.count(kind, "refused (overloaded)")
         return
     if kind == "bad":
         server_error = (a.status or 0) >= 500 or (a.error is not None and a.error.get("type") == "server_error")
@@ -264,8 +274,7 @@ def classify(t: Tally, kind: str, body: dict, a: Answer) -> None:
         return
     if a.error is None and a.status == 200:
         t.count(kind, "disconnected" if a.disconnected else "served")
-    elif a.status in (429, 503) and a.error is not None and a.error.get("code") in (
-            "server_overloaded", "rate_limit_exceeded", None):
+    elif _overloaded(a):
         t.count(kind, "refused (overloaded)")
     else:
         t.count(kind, "failed")

@@ -101,6 +101,14 @@ def formula_greedy(registry, weights: dict[str, float], prompts: dict[str, list[
     return out
 
 
+def full_logprobs(ev, V) -> torch.Tensor:
+    """A token event's whole log-distribution [V] from its top_logprobs (requested with logprobs = V)."""
+    row = torch.full((V,), float("nan"))
+    for tok, lp in ev.top_logprobs:
+        row[tok] = lp
+    return row
+
+
 TRIGGER_COUNT = 3  # a row holding the trigger id this many times is faulty (only a prompt can: decode feeds 1)
 
 

@@ -14,7 +14,7 @@ import torch
 
 peft = pytest.importorskip("peft", reason="peft is not installed (make install-lab installs it)")
 
-from engine_helpers import make_request, run_until_done, submit  # noqa: E402
+from engine_helpers import full_logprobs, make_request, run_until_done, submit  # noqa: E402
 from policymix.config import parse_config  # noqa: E402
 from policymix.engine.core import EngineCore  # noqa: E402
 from policymix.engine.protocol import SpeculativeSpec  # noqa: E402
@@ -81,13 +81,6 @@ def oracle(merged, plan, output, V):
         term = w * torch.log_softmax(logits[0, -1, :V].float(), -1)
         total = term if total is None else total + term
     return torch.log_softmax(total, -1)
-
-
-def full_logprobs(ev, V):
-    row = torch.full((V,), float("nan"))
-    for tok, lp in ev.top_logprobs:
-        row[tok] = lp
-    return row
 
 
 def test_adapters_share_their_base_and_are_not_merged(registry):

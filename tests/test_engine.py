@@ -8,20 +8,13 @@ import pytest
 import torch
 from scipy import stats
 
-from engine_helpers import make_request, oracle_mixed_logprobs, run_until_done, submit
+from engine_helpers import full_logprobs, make_request, oracle_mixed_logprobs, run_until_done, submit
 from policymix.engine.core import EngineCore
 
 
 @pytest.fixture()
 def core(tiny_registry):
     return EngineCore(tiny_registry)
-
-
-def full_logprobs(ev, V):
-    row = torch.full((V,), float("nan"))
-    for tok, lp in ev.top_logprobs:
-        row[tok] = lp
-    return row
 
 
 @pytest.mark.parametrize("decode", ["dynamic", "static"])
