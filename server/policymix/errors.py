@@ -6,6 +6,18 @@ OpenAI error envelope without parsing messages.
 
 from __future__ import annotations
 
+import re
+from typing import Any, Iterable
+
+# Pydantic adds union-member tags ("str", "list[int]", "function-after[...]", a model's class name) to error
+# locations; fields are lower-case names (mixture keys may hold a hyphen: "dpo-concise")
+_TAG = re.compile(r"^(str|int|float|bool|list|dict|none|null)$|^[A-Z]|[\[\]]")
+
+
+def field_path(loc: Iterable[Any]) -> list[Any]:
+    """A pydantic error location without its union-member tags: the path of the field a client sent."""
+    return [p for p in loc if not (isinstance(p, str) and _TAG.search(p))]
+
 
 class PolicymixError(Exception):
     """Base class. ``status`` is the HTTP status the API answers with."""

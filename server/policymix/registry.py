@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
@@ -103,15 +104,13 @@ class Registry:
     def runner_key(self, name: str) -> str:
         """The name of the runner that computes policy ``name``'s forwards: the first causal policy holding the
         same loaded weights (prompted policies share their model's runner, each context a lane of its forward)."""
-        keys = self.__dict__.get("_runner_keys")
-        if keys is None:
-            first: dict[int, str] = {}
-            keys = {}
-            for n, p in self.policies.items():
-                if p.kind == "causal":
-                    keys[n] = first.setdefault(id(p.forward_model), n) if p.model is not None else n
-            self.__dict__["_runner_keys"] = keys
-        return keys.get(name, name)
+        return self._runner_keys.get(name, name)
+
+    @cached_property  # the policies are loaded once
+    def _runner_keys(self) -> dict[str, str]:
+        first: dict[int, str] = {}
+        return {n: first.setdefault(id(p.forward_model), n) if p.model is not None else n
+                for n, p in self.policies.items() if p.kind == "causal"}
 
     def runner_policies(self, runner: str) -> list[str]:
         """The policies a runner computes (``runner_key`` inverted)."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -17,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.protocol import EngineError, ErrorKind
-from ..errors import Overloaded, PolicymixError
+from ..errors import Overloaded, PolicymixError, field_path
 
 log = logging.getLogger("policymix.api")
 
@@ -75,13 +74,8 @@ def error_response(exc: BaseException) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-# Pydantic adds union-member tags ("str", "list[int]", "function-after[...]", a model's class name)
-# to error locations; request fields are lower-case identifiers.
-_TAG = re.compile(r"^(str|int|float|bool|list|dict|none|null)$|^[A-Z]|[\[\]\-]")
-
-
 def _clean_loc(error: dict) -> list:
-    loc = [p for p in error.get("loc", ()) if not (isinstance(p, str) and _TAG.search(p))]
+    loc = field_path(error.get("loc", ()))
     return loc[1:] if loc and loc[0] == "body" else loc
 
 

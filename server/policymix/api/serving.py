@@ -217,7 +217,8 @@ class Serving:
         if key is not None:
             key.check_limits(max_tokens, max(sampling.n, sampling.best_of or 1))
         default = self.config.server.speculative
-        if default is not None and key is not None and not key.allows(default.draft) and default.draft != "ngram":
+        if default is not None and key is not None and default.draft != SpeculativeSpec.NGRAM \
+                and not key.allows(default.draft):
             default = None  # the server's choice of draft never refuses a key: its requests run undrafted
         speculative = _speculative(body, default, search, rerank)
         constraint, tool_calls = constraint_of(body)

@@ -27,7 +27,7 @@ from typing import Any, Mapping
 from pydantic import ValidationError
 
 from ..config import Recipe
-from ..errors import ModelNotFound, RecipeError
+from ..errors import ModelNotFound, RecipeError, field_path
 
 
 @dataclass(frozen=True)
@@ -249,10 +249,7 @@ def compile_recipe(
             recipe = Recipe.model_validate(recipe)
         except ValidationError as err:
             first = err.errors()[0]
-            # union members add tags to the location ("str", "list[ChatMessage]"): fields are lower-case names
-            loc = [str(p) for p in first["loc"] if not (isinstance(p, str) and ("[" in p or p[:1].isupper()
-                                                                              or p in ("str", "int", "float")))]
-            field = ".".join(["mixture", *loc])
+            field = ".".join(["mixture", *(str(p) for p in field_path(first["loc"]))])
             raise RecipeError(f"{field}: {first['msg']}", param=field) from None
 
     form = _form_of(recipe)
